@@ -1,0 +1,49 @@
+"""Evaluate a detector checkpoint, or score a detections file against ground truth.
+
+Model mode (newest checkpoint of a run, or a given one):
+    python eval.py --workdir=runs/demo
+    python eval.py --config=configs/demo.py --checkpoint=runs/demo/checkpoints/1200
+Metrics-only mode (no model):
+    python eval.py --gt instances.json --detections results.json --metric coco|lvis \
+        [--fixed_ap] [--split_file ovd_split.json] --output metrics.json
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Recipe file (default: the run's config.json).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Training run directory (newest checkpoint is used).")
+flags.DEFINE_string("checkpoint", None, "A checkpoint directory (overrides --workdir's newest).")
+flags.DEFINE_string("output_dir", None, "Where metrics/detections go (model mode).")
+flags.DEFINE_string("gt", None, "Metrics-only: ground-truth instances JSON.")
+flags.DEFINE_string("detections", None, "Metrics-only: COCO-format results JSON.")
+flags.DEFINE_enum("metric", "coco", ["coco", "lvis"], "Metrics-only: which protocol.")
+flags.DEFINE_bool("fixed_ap", False, "Metrics-only, LVIS: the 'fixed AP' protocol.")
+flags.DEFINE_string("split_file", None, "Metrics-only: base/novel split JSON.")
+flags.DEFINE_string("output", None, "Metrics-only: metrics JSON to write.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if FLAGS.gt or FLAGS.detections:
+        if not (FLAGS.gt and FLAGS.detections):
+            raise app.UsageError("metrics-only mode needs both --gt and --detections")
+        from ovd_jax.evaluation import metrics_only
+
+        metrics_only.run(FLAGS.gt, FLAGS.detections, FLAGS.metric, FLAGS.fixed_ap, FLAGS.output,
+                         split_file=FLAGS.split_file)
+        return
+    from ovd_jax.training import launch
+
+    launch.setup_runtime(distributed=FLAGS.distributed)
+    launch.evaluate_model(FLAGS.config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+                          output_dir=FLAGS.output_dir, progress=FLAGS.progress)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,214 @@
+"""COCO-format instance annotations -> `DetectionDataset` (one validated record per image).
+
+A record is a plain dict (what the grain pipeline consumes):
+
+    image_id     int
+    path         str        image file (image_dir / file_name)
+    height,width int        as stated in the JSON (checked against the decoded image later)
+    boxes        float32 [n, 4]  x1, y1, x2, y2 in original-image pixels (clipped into the image)
+    category_ids int64   [n]     dataset category ids (NOT contiguous indices)
+    iscrowd      bool    [n]     crowd regions: kept here, excluded from training targets
+
+Every check raises a `ValueError` that names the offending file/annotation and the fix, because a
+silently skipped image or box corrupts training and evaluation without any visible symptom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+# A box may overhang the image by this many pixels (COCO has boxes ending at width + 0.5 from
+# rounding); it is then clipped. Anything further out is an annotation error.
+BOX_TOLERANCE_PX = 1.0
+
+
+@dataclasses.dataclass
+class DetectionDataset:
+    """Validated detection annotations.
+
+    Attributes:
+      records: one dict per image (see module docstring), in the JSON's image order.
+      categories: category dicts as in the JSON, sorted by id.
+      class_names: category names in id order (index k <-> cat_ids[k]).
+      cat_ids: sorted category ids.
+      cat_id_to_index: category id -> contiguous class index 0..K-1 (id order).
+      gt: the loaded JSON (for the COCO/LVIS evaluators).
+    """
+
+    records: list[dict]
+    categories: list[dict]
+    class_names: list[str]
+    cat_ids: list[int]
+    cat_id_to_index: dict[int, int]
+    gt: dict
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def load_json(path: str, what: str) -> dict:
+    """Reads a JSON annotation file; a missing or malformed file is a ValueError naming it."""
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{what} file {path!r} does not exist; check the path in the data config "
+            "(or generate the synthetic set with ovd_jax.data.synthetic.generate)."
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} file {path!r} is not valid JSON ({e}); re-export it.") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} file {path!r} must hold a JSON object with 'images', "
+                         "'annotations' and 'categories'.")
+    return data
+
+
+def build_dataset(
+    data: dict,
+    source: str,
+    image_dir: str,
+    *,
+    file_name_of: Callable[[dict], str],
+    check_files: bool,
+    extra_image_fields: tuple[str, ...] = (),
+) -> DetectionDataset:
+    """Validates COCO-style `data` (loaded from `source`) and builds the `DetectionDataset`.
+
+    `file_name_of(image_dict)` returns the image's file name relative to `image_dir`;
+    `extra_image_fields` are copied from each image dict onto its record (as int64 arrays).
+    """
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{source!r} has no '{key}' list; it is not a COCO instances file.")
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    if not categories:
+        raise ValueError(
+            f"{source!r} has an empty 'categories' list: the detector needs at least one class. "
+            "Add the categories to the annotation file (or set config.data.class_names)."
+        )
+    cat_ids = [int(c["id"]) for c in categories]
+    if len(set(cat_ids)) != len(cat_ids):
+        raise ValueError(f"{source!r} has duplicate category ids; each category needs its own id.")
+    cat_id_to_index = {cid: k for k, cid in enumerate(cat_ids)}
+
+    images: dict[int, dict] = {}
+    for img in data["images"]:
+        iid = int(img["id"])
+        if iid in images:
+            raise ValueError(f"{source!r}: image id {iid} appears twice; image ids must be unique.")
+        h, w = img.get("height"), img.get("width")
+        if not isinstance(h, int | float) or not isinstance(w, int | float) or h <= 0 or w <= 0:
+            raise ValueError(
+                f"{source!r}: image id {iid} ({file_name_of(img)!r}) has height={h!r}, "
+                f"width={w!r}; both must be positive numbers of pixels."
+            )
+        images[iid] = img
+
+    per_image: dict[int, list[dict]] = {iid: [] for iid in images}
+    for ann in data["annotations"]:
+        aid = ann.get("id")
+        iid = ann.get("image_id")
+        if iid not in per_image:
+            raise ValueError(
+                f"{source!r}: annotation id {aid} refers to image id {iid}, which is not in "
+                "'images'; remove the annotation or add its image."
+            )
+        cid = ann.get("category_id")
+        if cid not in cat_id_to_index:
+            raise ValueError(
+                f"{source!r}: annotation id {aid} (image id {iid}) has category id {cid}, which "
+                f"is not in 'categories' (known ids: {cat_ids[:10]}{'...' if len(cat_ids) > 10 else ''}); "
+                "fix the category id or add the category."
+            )
+        bbox = ann.get("bbox")
+        img = images[iid]
+        if not isinstance(bbox, list | tuple) or len(bbox) != 4:
+            raise ValueError(f"{source!r}: annotation id {aid} has bbox={bbox!r}; expected "
+                             "[x, y, width, height] in pixels.")
+        x, y, bw, bh = (float(v) for v in bbox)
+        if not (bw > 0 and bh > 0):
+            raise ValueError(
+                f"{source!r}: annotation id {aid} (image {file_name_of(img)!r}) has bbox "
+                f"{list(bbox)} with non-positive width/height; boxes are [x, y, width, height] "
+                "with width, height > 0 - fix or remove the annotation."
+            )
+        W, H = float(img["width"]), float(img["height"])
+        tol = BOX_TOLERANCE_PX
+        if x < 0 or y < 0 or x + bw > W + tol or y + bh > H + tol or not np.isfinite(x + y):
+            raise ValueError(
+                f"{source!r}: annotation id {aid} box [x, y, w, h]={list(bbox)} lies outside its "
+                f"image {file_name_of(img)!r} of size width={img['width']}, "
+                f"height={img['height']}; boxes must be in pixels of that image (are they "
+                "normalised, or is the image size wrong?) - fix the annotation."
+            )
+        per_image[iid].append(ann)
+
+    records = []
+    missing = []
+    for iid, img in images.items():
+        path = os.path.join(image_dir, file_name_of(img))
+        if check_files and not os.path.isfile(path):
+            missing.append(path)
+            continue
+        anns = per_image[iid]
+        W, H = float(img["width"]), float(img["height"])
+        boxes = np.zeros((len(anns), 4), np.float32)
+        for k, a in enumerate(anns):
+            x, y, bw, bh = (float(v) for v in a["bbox"])
+            boxes[k] = (x, y, min(x + bw, W), min(y + bh, H))  # clip the tolerated overhang
+        rec = {
+            "image_id": iid,
+            "path": path,
+            "height": int(img["height"]),
+            "width": int(img["width"]),
+            "boxes": boxes,
+            "category_ids": np.asarray([a["category_id"] for a in anns], np.int64),
+            "iscrowd": np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool),
+        }
+        for field in extra_image_fields:
+            rec[field] = np.asarray(img.get(field, []), np.int64)
+        records.append(rec)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(
+            f"{source!r}: image file {missing[0]!r} does not exist{more}; point image_dir "
+            f"(currently {image_dir!r}) at the folder holding the images, or pass "
+            "check_files=False to defer the check to loading time."
+        )
+    return DetectionDataset(
+        records=records,
+        categories=categories,
+        class_names=[str(c["name"]) for c in categories],
+        cat_ids=cat_ids,
+        cat_id_to_index=cat_id_to_index,
+        gt=data,
+    )
+
+
+def load_coco_detection(
+    instances_json: str, image_dir: str, *, check_files: bool = True
+) -> DetectionDataset:
+    """Loads and validates a COCO instances JSON whose images live in `image_dir`.
+
+    Args:
+      instances_json: path of the COCO instances file (images / annotations / categories).
+      image_dir: folder holding the images named by each image's `file_name`.
+      check_files: check that every image file exists now (all of them, one error listing the
+        first missing path and the count).
+
+    Returns:
+      A `DetectionDataset`. Raises ValueError on a missing file, an annotation with an unknown
+      image or category id, a box with non-positive size or outside its image (beyond 1 px),
+      or an empty category list.
+    """
+    data = load_json(instances_json, "instances")
+    return build_dataset(
+        data, instances_json, image_dir, file_name_of=lambda img: img["file_name"],
+        check_files=check_files,
+    )

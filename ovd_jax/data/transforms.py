@@ -1,0 +1,200 @@
+"""Per-image transforms: decode, flip, resize (long side = S), normalise, pad, fixed-size targets.
+
+All functions are pure numpy/PIL and deterministic given their arguments (randomness, e.g. the
+flip decision, is decided by the caller). Conventions:
+
+* images are HWC; uint8 until normalisation, float32 after;
+* boxes are x1, y1, x2, y2 in pixels of the image they accompany;
+* `scale` maps original pixels to input pixels: input = original * scale (same for x and y; the
+  resized size is rounded to whole pixels, so the image may differ from W*scale by < 0.5 px);
+* padding goes to the bottom/right and is 0 *after* normalisation (i.e. the mean colour).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# OpenAI CLIP's normalisation, in 0-255 units.
+CLIP_MEAN = tuple(v * 255.0 for v in (0.48145466, 0.4578275, 0.40821073))
+CLIP_STD = tuple(v * 255.0 for v in (0.26862954, 0.26130258, 0.27577711))
+
+
+def decode_image(source, *, name: str | None = None) -> np.ndarray:
+    """Decodes an image to uint8 RGB [H, W, 3].
+
+    Args:
+      source: a file path, encoded bytes, a PIL image, or an HWC/HW uint8 array.
+      name: how to refer to the image in errors (defaults to the path).
+
+    Raises ValueError naming the file when it is missing or cannot be decoded.
+    """
+    label = name or (source if isinstance(source, str) else "<in-memory image>")
+    if isinstance(source, np.ndarray):
+        arr = source
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"image {label!r} has shape {arr.shape}; expected [H, W, 3].")
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+        return np.ascontiguousarray(arr[..., :3].astype(np.uint8, copy=False))
+    try:
+        if isinstance(source, Image.Image):
+            img = source
+        elif isinstance(source, bytes | bytearray | memoryview):
+            img = Image.open(io.BytesIO(bytes(source)))
+        else:
+            img = Image.open(source)
+        img.load()  # force the full decode here so truncated files fail now, with the name
+        img = img.convert("RGB")
+    except FileNotFoundError as e:
+        raise ValueError(f"image file {label!r} does not exist; check the image folder.") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(
+            f"image file {label!r} is corrupt or not an image ({type(e).__name__}: {e}); "
+            "re-download or remove it from the annotations."
+        ) from e
+    return np.asarray(img, dtype=np.uint8)
+
+
+def resize_longest_side(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Resizes uint8 [H,W,3] so that its longer side is `size` (bilinear, antialiased).
+
+    Returns (resized uint8 [h', w', 3], scale) with h' = round(H * scale), w' = round(W * scale)
+    and scale = size / max(H, W).
+    """
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    if (nh, nw) == (h, w):
+        return image, float(scale)
+    out = Image.fromarray(image).resize((nw, nh), Image.BILINEAR)
+    return np.asarray(out, dtype=np.uint8), float(scale)
+
+
+def normalize_and_pad(image: np.ndarray, size: int, mean, std) -> np.ndarray:
+    """(image - mean) / std (0-255 units), zero-padded bottom/right to float32 [size, size, 3]."""
+    h, w = image.shape[:2]
+    if h > size or w > size:
+        raise ValueError(f"image of size {h}x{w} does not fit the {size}x{size} input.")
+    out = np.zeros((size, size, 3), np.float32)
+    mean = np.asarray(mean, np.float32)
+    inv_std = 1.0 / np.asarray(std, np.float32)
+    out[:h, :w] = (image.astype(np.float32) - mean) * inv_std
+    return out
+
+
+def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mirrors uint8 [H,W,3] and its xyxy boxes [n,4] (pixel extents: x -> W - x)."""
+    width = image.shape[1]
+    flipped = boxes.copy()
+    flipped[:, 0] = width - boxes[:, 2]
+    flipped[:, 2] = width - boxes[:, 0]
+    return np.ascontiguousarray(image[:, ::-1]), flipped
+
+
+def pad_targets(
+    boxes: np.ndarray,
+    category_ids: np.ndarray,
+    iscrowd: np.ndarray,
+    cat_id_to_index: dict[int, int],
+    max_boxes: int,
+    *,
+    truncate: bool = False,
+    name: str = "",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drops crowd regions, maps category ids to class indices and pads to `max_boxes`.
+
+    Returns (boxes float32 [M,4], labels int32 [M] with -1 padding, mask bool [M]).
+    Raises ValueError when an image has more than M non-crowd boxes (unless `truncate`, which
+    keeps the first M in annotation order) or a category id is missing from `cat_id_to_index`.
+    """
+    keep = ~np.asarray(iscrowd, bool)
+    boxes, category_ids = boxes[keep], np.asarray(category_ids)[keep]
+    n = len(boxes)
+    if n > max_boxes:
+        if not truncate:
+            raise ValueError(
+                f"image {name!r} has {n} boxes but config.data.max_boxes is {max_boxes}; raise "
+                "config.data.max_boxes (or pass truncate=True to keep only the first ones)."
+            )
+        boxes, category_ids, n = boxes[:max_boxes], category_ids[:max_boxes], max_boxes
+    labels = np.full((max_boxes,), -1, np.int32)
+    for k, cid in enumerate(category_ids.tolist()):
+        if cid not in cat_id_to_index:
+            raise ValueError(
+                f"image {name!r} has a box of category id {cid}, which is not in the loader's "
+                "cat_id_to_index; remove those annotations or add the category to the vocabulary."
+            )
+        labels[k] = cat_id_to_index[cid]
+    out_boxes = np.zeros((max_boxes, 4), np.float32)
+    out_boxes[:n] = boxes
+    mask = np.zeros((max_boxes,), bool)
+    mask[:n] = True
+    return out_boxes, labels, mask
+
+
+def detection_example(
+    record: dict,
+    *,
+    image_size: int,
+    max_boxes: int,
+    cat_id_to_index: dict[int, int],
+    flip: bool,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+    truncate: bool = False,
+) -> dict:
+    """One record -> one fixed-shape example (see `ovd_jax.data.pipeline` for the keys).
+
+    The record supplies its pixels as `image` (array/bytes/PIL) or else `path`. The decoded
+    size must equal the record's height/width, since the boxes are in those pixels.
+    """
+    name = record.get("path") or f"image_id {record.get('image_id')}"
+    image = decode_image(record["image"] if "image" in record else record["path"], name=name)
+    h, w = image.shape[:2]
+    if (h, w) != (int(record["height"]), int(record["width"])):
+        raise ValueError(
+            f"image {name!r} decodes to {h}x{w} (HxW) but its annotation says "
+            f"{record['height']}x{record['width']}; the boxes would be misplaced - fix the "
+            "image size in the annotation file."
+        )
+    boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
+    if flip:
+        image, boxes = hflip(image, boxes)
+    image, scale = resize_longest_side(image, image_size)
+    out_boxes, labels, mask = pad_targets(
+        boxes * np.float32(scale), record["category_ids"], record["iscrowd"], cat_id_to_index,
+        max_boxes, truncate=truncate, name=name,
+    )
+    return {
+        "image": normalize_and_pad(image, image_size, mean, std),
+        "boxes": out_boxes,
+        "labels": labels,
+        "box_mask": mask,
+        "image_id": np.int32(record["image_id"]),
+        "scale": np.float32(scale),
+        "image_hw": np.asarray(image.shape[:2], np.int32),
+        "orig_hw": np.asarray((h, w), np.int32),
+        "flipped": np.bool_(flip),
+        "valid": np.bool_(True),
+    }
+
+
+def padding_example(image_size: int, max_boxes: int) -> dict:
+    """A placeholder example for filling the last eval batch: image_id -1, valid False."""
+    return {
+        "image": np.zeros((image_size, image_size, 3), np.float32),
+        "boxes": np.zeros((max_boxes, 4), np.float32),
+        "labels": np.full((max_boxes,), -1, np.int32),
+        "box_mask": np.zeros((max_boxes,), bool),
+        "image_id": np.int32(-1),
+        "scale": np.float32(1.0),
+        "image_hw": np.zeros((2,), np.int32),
+        "orig_hw": np.zeros((2,), np.int32),
+        "flipped": np.bool_(False),
+        "valid": np.bool_(False),
+    }

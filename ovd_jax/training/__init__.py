@@ -1,0 +1,1 @@
+"""ovd_jax.training."""

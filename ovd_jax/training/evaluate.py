@@ -1,0 +1,143 @@
+"""Model-mode evaluation: batched jitted inference -> COCO results JSON -> COCO/LVIS metrics.
+
+Detections are mapped back to original-image pixels (divide by the resize scale) and to the
+dataset's category ids. Base/novel AP50 come from the evaluation vocabulary's split.
+"""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ovd_jax import visualize
+from ovd_jax.data.pipeline import make_detection_loader
+from ovd_jax.evaluation import coco_eval, ovd
+from ovd_jax.training import sharding as shd
+from ovd_jax.training.checkpoint import dump_json_atomic
+
+HEADLINE = ("AP", "AP50", "base_AP50", "novel_AP50")
+
+
+def predict_dataset(exp, variables, mesh, *, progress: bool = True) -> list[dict]:
+    """Runs the detector over the validation set; returns COCO-format result dicts."""
+    config = exp.config
+    rules = shd.rules_tuple(config.sharding.rules)
+    eval_bs = int(config.eval.batch_size)
+    if eval_bs % shd.data_parallel_size(mesh):
+        raise ValueError(
+            f"config.eval.batch_size={eval_bs} must be a multiple of the data-parallel size "
+            f"{shd.data_parallel_size(mesh)}"
+        )
+    loader = make_detection_loader(
+        exp.val_data.records, batch_size=eval_bs, image_size=config.data.image_size,
+        max_boxes=config.data.max_boxes, cat_id_to_index=exp.val_data.cat_id_to_index,
+        train=False, seed=config.seed, shard_index=jax.process_index(),
+        shard_count=jax.process_count(), drop_remainder=False,
+    )
+    method, model = exp.method, exp.model
+    templates = len(config.text.templates)
+    with mesh, nn.logical_axis_rules(rules):
+        concepts = jax.jit(
+            lambda v, t: method.concept_embeddings(model, v, t, templates)
+        )(variables, jnp.asarray(exp.eval_tokens))
+        # Inputs arrive already sharded (images over the batch axes), so jit follows them.
+        predict = jax.jit(lambda v, im, hw, c: method.predict(model, v, im, hw, c, config))
+        cat_ids = np.asarray(exp.eval_vocab.cat_ids)
+        results = []
+        total = -(-len(exp.val_data.records) // eval_bs)
+        for batch in tqdm(loader, total=total, desc="eval", disable=not progress, leave=False):
+            sharded = shd.shard_batch({"image": batch["image"], "hw": batch["image_hw"]}, mesh)
+            out = predict(variables, sharded["image"], sharded["hw"], concepts)
+            out = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), out)
+            results.extend(_to_coco(batch, out, cat_ids))
+    return results
+
+
+def _to_coco(batch: dict, out: dict, cat_ids: np.ndarray) -> list[dict]:
+    results = []
+    valid_images = batch.get("valid", np.ones(len(batch["image_id"]), bool))
+    for i in range(len(batch["image_id"])):
+        if not valid_images[i]:
+            continue
+        scale = float(batch["scale"][i])
+        keep = out["valid"][i]
+        boxes = out["boxes"][i][keep] / scale
+        for b, s, c in zip(boxes, out["scores"][i][keep], out["classes"][i][keep]):
+            results.append({
+                "image_id": int(batch["image_id"][i]),
+                "category_id": int(cat_ids[int(c)]),
+                "bbox": [round(float(b[0]), 3), round(float(b[1]), 3),
+                         round(float(b[2] - b[0]), 3), round(float(b[3] - b[1]), 3)],
+                "score": round(float(s), 5),
+            })
+    return results
+
+
+def compute_metrics(exp, results: list[dict]) -> dict:
+    """COCO (or LVIS) metrics plus base/novel/all AP50 of the evaluation vocabulary."""
+    config = exp.config
+    gt = exp.val_data.gt
+    if config.eval.metric == "lvis":
+        from ovd_jax.evaluation import lvis_eval  # noqa: PLC0415
+
+        metrics = lvis_eval.evaluate_lvis(gt, results)
+    elif config.eval.metric == "coco":
+        metrics = coco_eval.evaluate_coco(gt, results)
+    else:
+        raise ValueError(f"config.eval.metric={config.eval.metric!r}: use 'coco' or 'lvis'.")
+    vocab = exp.eval_vocab
+    base_ids = [vocab.cat_ids[i] for i in vocab.base_indices]
+    novel_ids = [vocab.cat_ids[i] for i in vocab.novel_indices]
+    metrics.update(ovd.ovd_split_metrics(metrics["per_category"], base_ids, novel_ids))
+    return metrics
+
+
+def write_visualizations(exp, results: list[dict], out_dir: str, count: int) -> list[str]:
+    """Annotated PNGs for the first `count` validation images; returns their paths."""
+    if count <= 0 or jax.process_index() != 0:
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    id_to_index = {c: i for i, c in enumerate(exp.eval_vocab.cat_ids)}
+    paths = []
+    for rec in exp.val_data.records[:count]:
+        dets = [r for r in results if r["image_id"] == rec["image_id"]]
+        boxes = np.asarray([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2],
+                             d["bbox"][1] + d["bbox"][3]] for d in dets]).reshape(-1, 4)
+        image = Image.open(rec["path"])
+        scale = max(1, 384 // max(image.size))
+        img = visualize.draw_detections(
+            image, boxes, np.asarray([d["score"] for d in dets]),
+            np.asarray([id_to_index[d["category_id"]] for d in dets], np.int64),
+            exp.eval_vocab.class_names, ground_truth=rec["boxes"], upscale=scale,
+        )
+        path = os.path.join(out_dir, f"detections_{rec['image_id']}.png")
+        img.save(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
+        paths.append(path)
+    return paths
+
+
+def evaluate(exp, variables, mesh, out_dir: str, *, progress: bool = True) -> dict:
+    """Predicts, writes `detections.json` and `metrics.json` (atomically) under `out_dir`."""
+    results = predict_dataset(exp, variables, mesh, progress=progress)
+    metrics = compute_metrics(exp, results)
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        dump_json_atomic(os.path.join(out_dir, "detections.json"), results)
+        dump_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+        write_visualizations(exp, results, out_dir, int(exp.config.eval.num_visualizations))
+    return metrics
+
+
+def format_headline(metrics: dict) -> str:
+    """A small table of the headline numbers."""
+    keys = [k for k in ("AP", "AP50", "AP75", "base_AP50", "novel_AP50", "all_AP50") if k in metrics]
+    head = " | ".join(f"{k:>10}" for k in keys)
+    row = " | ".join(f"{metrics[k]:10.4f}" for k in keys)
+    return f"{head}\n{'-' * len(head)}\n{row}"

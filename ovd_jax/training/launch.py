@@ -1,0 +1,66 @@
+"""What the entry points share: runtime set-up and the two model-mode jobs (train, evaluate)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+from ovd_jax.training import evaluate as evaluation
+from ovd_jax.training import loop
+from ovd_jax.training import sharding as shd
+from ovd_jax.training.experiment import build_experiment
+
+
+def setup_runtime(*, distributed: bool = False) -> None:
+    """Persistent compilation cache (repeated runs compile once) and multi-process start-up."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                           os.path.expanduser("~/.cache/ovd_jax/jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if distributed:
+        # Reads the coordinator/process layout from the environment (TPU pods, SLURM, Open MPI,
+        # or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+        jax.distributed.initialize()
+    logging.info("process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(),
+                 jax.device_count(), jax.devices()[:8])
+
+
+def train(config, workdir: str, *, progress: bool = True) -> dict:
+    return loop.train_and_evaluate(config, workdir, progress=progress)
+
+
+def load_config_for_eval(config, workdir: str | None):
+    """The config flag if given, else the `config.json` a training run wrote in `workdir`."""
+    if config is not None:
+        return config
+    path = os.path.join(workdir or "", "config.json")
+    if not workdir or not os.path.isfile(path):
+        raise ValueError("eval.py needs --config, or a --workdir holding the config.json that "
+                         "train.py writes.")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_model(config, *, workdir: str | None, checkpoint: str | None,
+                   output_dir: str | None, progress: bool = True) -> dict:
+    """Restores a checkpoint, runs the detector on the validation set, writes and returns
+    metrics (`<output_dir>/metrics.json`, `detections.json`, annotated images)."""
+    config = load_config_for_eval(config, workdir)
+    source = checkpoint or workdir
+    if not source:
+        raise ValueError("eval.py needs --workdir (newest checkpoint) or --checkpoint.")
+    exp = build_experiment(config, with_train=False)
+    mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
+    variables, step = loop.restore_for_eval(exp, mesh, source)
+    out = output_dir or os.path.join(workdir or os.path.dirname(os.path.abspath(source)),
+                                     f"eval_{step}")
+    metrics = evaluation.evaluate(exp, variables, mesh, out, progress=progress)
+    metrics["checkpoint_step"] = step
+    if jax.process_index() == 0:
+        print(evaluation.format_headline(metrics))
+        print(f"wrote {os.path.join(out, 'metrics.json')}")
+    return metrics

@@ -1,0 +1,183 @@
+"""The training loop: data, sharded state, checkpoint/resume, logging, evaluation at the end.
+
+`train_and_evaluate(config, workdir)` is what `train.py` calls. It resumes automatically from
+the newest checkpoint in `<workdir>/checkpoints` (parameters, optimizer, step, data-iterator
+state), and on SIGTERM saves a checkpoint and returns cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from ovd_jax.data.pipeline import make_detection_loader
+from ovd_jax.training import checkpoint as ckpt
+from ovd_jax.training import evaluate as evaluation
+from ovd_jax.training import sharding as shd
+from ovd_jax.training import train_step as ts
+from ovd_jax.training.experiment import build_experiment
+from ovd_jax.training.metric_writer import MetricWriter
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM,):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("signal %d: saving a checkpoint and stopping", signum)
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def make_train_loader(exp, *, num_epochs=None):
+    config = exp.config
+    per_process = int(config.train.batch_size) // jax.process_count()
+    return make_detection_loader(
+        exp.train_data.records, batch_size=per_process, image_size=config.data.image_size,
+        max_boxes=config.data.max_boxes, cat_id_to_index=exp.train_cat_id_to_index, train=True,
+        seed=config.seed, hflip=config.data.hflip, num_epochs=num_epochs,
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+    )
+
+
+def checkpoint_meta(exp, state) -> dict:
+    return {
+        "method": exp.config.method,
+        "param_fingerprint": ckpt.param_fingerprint(state.params),
+        "train_classes": list(exp.train_classes),
+        "config": json.loads(exp.config.to_json_best_effort()),
+    }
+
+
+def restore_for_eval(exp, mesh, checkpoint_path: str):
+    """Variables of the newest checkpoint under `checkpoint_path` (a workdir, its
+    `checkpoints/` folder, or one step's folder) placed on `mesh`; returns (variables, step)."""
+    path = os.path.abspath(checkpoint_path)
+    step = None
+    if os.path.basename(path).isdigit():
+        step, path = int(os.path.basename(path)), os.path.dirname(path)
+    elif os.path.isdir(ckpt.checkpoint_dir(path)):
+        path = ckpt.checkpoint_dir(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"no checkpoint directory at {checkpoint_path}; pass --workdir of a "
+                         "training run or --checkpoint=<workdir>/checkpoints/<step>.")
+    checkpointer = ckpt.Checkpointer(path, keep=1000)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"{path} holds no finished checkpoint; train first or fix --checkpoint.")
+    state, state_shardings, _ = ts.create_train_state(exp, mesh, jax.random.key(0))
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings
+    )
+    meta = {"method": exp.config.method, "param_fingerprint": ckpt.param_fingerprint(state.params)}
+    state, _ = checkpointer.restore(step, abstract, meta)
+    checkpointer.close()
+    return state.variables(), step
+
+
+def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
+                       progress: bool = True) -> dict:
+    """Trains `config` in `workdir` (resuming if possible), then evaluates.
+
+    `max_steps` stops early after that many total steps (the schedule still follows
+    `config.train.steps`); used to test resumption. Returns the final metrics ({} when the
+    evaluation is skipped or the run was stopped by a signal).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    exp = build_experiment(config)
+    mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
+    dp = shd.data_parallel_size(mesh)
+    if config.train.batch_size % dp:
+        raise ValueError(
+            f"config.train.batch_size={config.train.batch_size} must be a multiple of the "
+            f"data-parallel mesh size {dp} (config.mesh.shape={tuple(config.mesh.shape)})."
+        )
+    root_key = jax.random.key(config.seed)
+    state, state_shardings, tx = ts.create_train_state(exp, mesh, jax.random.fold_in(root_key, 0))
+    step_fn = ts.make_train_step(exp, tx, mesh, state_shardings)
+    loader = make_train_loader(exp)
+    iterator = iter(loader)
+
+    checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), config.train.keep_checkpoints)
+    meta = checkpoint_meta(exp, state)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+            state_shardings,
+        )
+        state, data_state = checkpointer.restore(latest, abstract, meta)
+        if data_state:
+            iterator.set_state(data_state)
+        logging.info("resumed from step %d", latest)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=1))
+
+    writer = MetricWriter(workdir)
+    total = int(config.train.steps) if max_steps is None else min(max_steps, config.train.steps)
+    start = int(jax.device_get(state.step))
+    step_key = jax.random.fold_in(root_key, 1)
+    stopped = False
+    history = []
+    t0 = time.time()
+    with _StopFlag() as flag, tqdm(total=total, initial=start, desc="train", unit="step",
+                                   disable=not progress or jax.process_index() != 0) as bar:
+        for step in range(start, total):
+            batch = next(iterator)
+            state, metrics = step_fn(state, ts.device_batch(batch, mesh), step_key)
+            # Blocking each step keeps host and devices in lock-step (and avoids the CPU
+            # backend's all-reduce deadlock on back-to-back sharded steps).
+            metrics = jax.device_get(metrics)
+            history.append(float(metrics["loss"]))
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+            done = step + 1
+            if done % config.train.log_every == 0 or done == total:
+                writer.scalars(done, metrics)
+                writer.scalars(done, {"steps_per_sec": (done - start) / (time.time() - t0)},
+                               prefix="perf")
+            if not np.isfinite(float(metrics["loss"])):
+                raise FloatingPointError(
+                    f"loss is {float(metrics['loss'])} at step {done}; lower "
+                    "config.optim.learning_rate or check the data."
+                )
+            if flag.stop or done % config.train.checkpoint_every == 0 or done == total:
+                checkpointer.save(done, state, iterator.get_state(), meta, force=True)
+            if flag.stop:
+                stopped = True
+                break
+    checkpointer.close()
+    with open(os.path.join(workdir, "train_losses.json"), "w", encoding="utf-8") as f:
+        json.dump({"start_step": start, "losses": history}, f)
+
+    metrics = {}
+    if config.train.eval_at_end and not stopped and max_steps is None:
+        variables = state.variables()
+        metrics = evaluation.evaluate(exp, variables, mesh, workdir, progress=progress)
+        writer.scalars(total, {k: v for k, v in metrics.items() if isinstance(v, float)},
+                       prefix="eval")
+        if jax.process_index() == 0:
+            print(evaluation.format_headline(metrics))
+    writer.close()
+    return metrics

@@ -1,0 +1,100 @@
+"""Creating the sharded train state and the pure, jitted train step."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ovd_jax.training import sharding as shd
+from ovd_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from ovd_jax.training.state import TrainState
+
+# Batch keys the train step reads (the rest — ids, scales — stays on the host).
+DEVICE_KEYS = ("image", "boxes", "labels", "box_mask", "image_hw")
+
+
+def _unbox(tree):
+    return nn.meta.unbox(tree)
+
+
+def create_train_state(exp, mesh, key):
+    """Initialises parameters directly in their shardings and builds the optimizer state.
+
+    Returns (state, state_shardings, tx).
+    """
+    config = exp.config
+    rules = shd.rules_tuple(config.sharding.rules)
+    tokens = exp.train_tokens if exp.train_tokens is not None else exp.eval_tokens
+    args = exp.method.init_args(config, tokens.shape[0])
+    abstract = jax.eval_shape(exp.model.init, key, *args)
+    var_shardings = shd.tree_shardings(abstract, mesh, rules)
+    with mesh, nn.logical_axis_rules(rules):
+        variables = jax.jit(exp.model.init, out_shardings=var_shardings)(key, *args)
+    variables = _unbox(variables)
+    var_shardings = _unbox(var_shardings)
+    params = variables.pop("params")
+    tx = make_optimizer(config, params)
+    # Moments are created like the parameters, so XLA gives them the parameters' shardings.
+    opt_state = jax.jit(tx.init)(params)
+    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                       opt_state=opt_state)
+    state_shardings = TrainState(
+        step=shd.replicated(mesh),
+        params=var_shardings["params"],
+        model_state={k: v for k, v in var_shardings.items() if k != "params"},
+        opt_state=opt_shardings,
+    )
+    return state, state_shardings, tx
+
+
+def make_train_step(exp, tx, mesh, state_shardings):
+    """Returns a jitted `step(state, batch, key) -> (state, metrics)`.
+
+    The step is a pure function; the state is donated. `key` is the run's root key: the step
+    folds in the step number, so a resumed run draws exactly the same randomness.
+    """
+    config = exp.config
+    rules = shd.rules_tuple(config.sharding.rules)
+    schedule = learning_rate_schedule(config)
+    concept_tokens = jnp.asarray(exp.train_tokens)
+
+    def step(state: TrainState, batch, key):
+        rng = jax.random.fold_in(key, state.step)
+
+        def loss_fn(params):
+            return exp.method.train_loss(
+                exp.model, params, state.model_state, batch, concept_tokens, rng, config
+            )
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                       learning_rate=schedule(state.step))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    batch_shardings = {k: shd.batch_sharding(mesh) for k in DEVICE_KEYS}
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings, shd.replicated(mesh)),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    @functools.wraps(step)
+    def run(state, batch, key):
+        with mesh, nn.logical_axis_rules(rules):
+            return jitted(state, batch, key)
+
+    return run
+
+
+def device_batch(batch: dict, mesh) -> dict:
+    """The keys the step needs, as global arrays sharded over the batch axes."""
+    return shd.shard_batch({k: batch[k] for k in DEVICE_KEYS}, mesh)

@@ -1,0 +1,33 @@
+"""Train (and evaluate) an open-vocabulary detector.
+
+    python train.py --config=configs/demo.py --workdir=runs/demo
+    python train.py --config=configs/regionclip.py:coco_ovd --workdir=runs/rc \
+        --config.data.train_instances=... --config.train.batch_size=64
+
+Re-running with the same --workdir resumes from its newest checkpoint.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ovd_jax.training import launch
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py:smoke.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and metrics go.", required=True)
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() (multi-process GPU nodes, TPU pods).")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    launch.setup_runtime(distributed=FLAGS.distributed)
+    launch.train(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
