@@ -11,6 +11,8 @@ Metrics-only mode (no model):
 from absl import app, flags
 from ml_collections import config_flags
 
+from ovd_jax.training.cli import parse_flags
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Recipe file (default: the run's config.json).",
                                 lock_config=True)
@@ -46,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

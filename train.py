@@ -11,6 +11,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ovd_jax.training import launch
+from ovd_jax.training.cli import parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py:smoke.",
@@ -30,4 +31,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -30,6 +30,8 @@ def get_config(arg: str | None = None):
     c.text.trainable = True
 
     m = c.model
+    # A narrow tower (res4 128 channels) keeps a step near 0.4 s on a 2-core CPU.
+    m.vision_overrides.width = 8
     m.anchor_sizes = (16, 32, 64)
     m.rpn_channels = 64
     m.rpn_batch_size_per_image = 64
@@ -37,18 +39,18 @@ def get_config(arg: str | None = None):
     m.rpn_post_nms_topk_train = 64
     m.rpn_pre_nms_topk_test = 256
     m.rpn_post_nms_topk_test = 64
-    m.roi_batch_size_per_image = 64
-    m.pooler_resolution = 8
-    m.pooler_sampling_ratio = 2
+    m.roi_batch_size_per_image = 32
+    m.pooler_resolution = 6
+    m.pooler_sampling_ratio = 1
 
     c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 1e-4
-    c.train.steps = 1200
+    c.train.steps = 800
     c.train.batch_size = 16
     c.train.log_every = 50
     c.train.checkpoint_every = 400
-    c.eval.batch_size = 25
+    c.eval.batch_size = 32
     c.eval.max_detections = 50
     if "smoke" in variants:
         regionclip.apply_smoke(c)

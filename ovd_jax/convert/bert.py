@@ -26,36 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ovd_jax.convert.common import CheckpointMismatchError, read_state_dict
 from ovd_jax.models.bert import BertConfig, BertEncoder
 
 _ANCHOR = "embeddings.word_embeddings.weight"
 # Keys under the BERT prefix that carry no encoder weights.
 _IGNORED = re.compile(r"^(pooler\.|embeddings\.position_ids$|cls\.)")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def _read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a safetensors / torch pickle file into {key: float32-or-int numpy array}.
-
-    (Private helper; `ovd_jax/convert/common.py` may offer the shared version.)
-    """
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return dict(load_file(path))
-    import torch
-
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    for wrapper in ("model", "state_dict", "module"):
-        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}.")
-    out = {}
-    for k, v in obj.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-    return out
 
 
 def _find_weights(path: str) -> tuple[str, str | None]:
@@ -180,7 +157,7 @@ def bert_variables_from_state_dict(
             if items:
                 parts.append(f"{len(items)} {name}: " + ", ".join(items[:8])
                              + (" ..." if len(items) > 8 else ""))
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"load_bert: {source} does not match the BERT config ({'; '.join(parts)}); check that "
             "the checkpoint is a BERT model and that config.json belongs to it."
         )
@@ -203,7 +180,7 @@ def load_bert(
     overrides the automatic key prefix detection (e.g. `"language_backbone.body.model."`).
     """
     weights, cfg_file = _find_weights(os.fspath(path))
-    sd = _strip_prefix(_read_state_dict(weights), weights, prefix)
+    sd = _strip_prefix(read_state_dict(weights), weights, prefix)
     if config is None:
         config = BertConfig.from_json(cfg_file) if cfg_file else _infer_config(sd)
     model = BertEncoder(config, dtype=dtype, param_dtype=param_dtype, remat=remat)

@@ -1,4 +1,4 @@
-"""Import Swin Transformer v1 checkpoints (torchvision, official Microsoft, GLIP) into `SwinTransformer`.
+"""Import Swin v1 checkpoints (torchvision, official Microsoft, GLIP) into `SwinTransformer`.
 
 Layouts recognised by `load_swin(path, arch)` (the key prefix is found automatically, so a GLIP
 checkpoint's `module.backbone.body.` and a `{"model": ...}` wrapper are handled):
@@ -12,9 +12,10 @@ checkpoint's `module.backbone.body.` and a `{"model": ...}` wrapper are handled)
     norms `norm{i}` and no classifier.
 
 Inferred from the checkpoint: window size (bias-table shape), `num_classes` (head, 0 if none),
-`out_norms` (`norm{i}` keys). A detection checkpoint (output norms, no head) keeps shifting windows
-that cover the whole map, as the official detection code does; classification checkpoints skip that
-shift, as torchvision does. `relative_position_index` / `attn_mask` buffers are recomputed, not read.
+`out_norms` (`norm{i}` keys). A detection checkpoint (output norms, no head) keeps shifting
+windows that cover the whole map, as the official detection code does; classification checkpoints
+skip that shift, as torchvision does. `relative_position_index` / `attn_mask` buffers are
+recomputed, not read.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ovd_jax.convert.bert import _read_state_dict
+from ovd_jax.convert.common import CheckpointMismatchError, read_state_dict
 from ovd_jax.models.swin import ARCHS, SwinTransformer
 
 _IGNORED = re.compile(r"(relative_position_index|attn_mask)$")
@@ -50,7 +51,7 @@ def _torchvision_to_official(key: str) -> str:
 
 
 def normalize_swin_state_dict(sd: dict[str, np.ndarray], source: str = "state dict"):
-    """Strips the prefix and renames torchvision keys to the official names. Returns (sd, layout)."""
+    """Strips the key prefix, renames torchvision keys to official ones. Returns (sd, layout)."""
     anchors = ("patch_embed.proj.weight", "features.0.0.weight")
     found = sorted({(k[: -len(a)], a) for k in sd for a in anchors if k.endswith(a)})
     if len(found) != 1:
@@ -97,9 +98,10 @@ def swin_variables_from_state_dict(
     Raises one ValueError listing all missing, unexpected and shape-mismatched keys.
     """
     p = model.patch_size
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8 * p, 8 * p, 3)), method="features")
-    )
+    x = jnp.zeros((1, 8 * p, 8 * p, 3))
+    # Run both paths so the head (classification) and the output norms (detection) exist.
+    both = lambda m, x: (m.features(x), m(x) if m.num_classes else None)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, method=both))
     flat = jax.tree_util.tree_flatten_with_path(
         shapes["params"], is_leaf=lambda x: hasattr(x, "unbox"))[0]
     used, missing, mismatched, out = set(), [], [], {}
@@ -128,7 +130,7 @@ def swin_variables_from_state_dict(
             if items:
                 parts.append(f"{len(items)} {name}: " + ", ".join(items[:8])
                              + (" ..." if len(items) > 8 else ""))
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"load_swin: {source} does not match the Swin arch ({'; '.join(parts)}); check the "
             "arch argument (swin_t / swin_s / swin_b) against the checkpoint."
         )
@@ -153,7 +155,7 @@ def load_swin(
         raise ValueError(f"load_swin: {path!r} is not a file; pass a Swin state dict (.pth).")
     if arch not in ARCHS:
         raise ValueError(f"load_swin: unknown arch {arch!r}; choose one of {sorted(ARCHS)}.")
-    sd, _ = normalize_swin_state_dict(_read_state_dict(path), path)
+    sd, _ = normalize_swin_state_dict(read_state_dict(path), path)
     fields = dict(ARCHS[arch])
     table = sd.get("layers.0.blocks.0.attn.relative_position_bias_table")
     if table is not None:
@@ -161,7 +163,8 @@ def load_swin(
     fields["num_classes"] = int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0
     n_stages = len(fields["depths"])
     fields["out_norms"] = tuple(f"norm{i}.weight" in sd for i in range(n_stages))
-    fields["skip_shift_if_window_covers"] = not (any(fields["out_norms"]) or not fields["num_classes"])
+    detection = any(fields["out_norms"]) or not fields["num_classes"]
+    fields["skip_shift_if_window_covers"] = not detection
     fields.update(overrides)
     model = SwinTransformer(**fields, dtype=dtype, param_dtype=param_dtype)
     return model, swin_variables_from_state_dict(sd, model, source=path)

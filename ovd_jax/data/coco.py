@@ -51,6 +51,10 @@ class DetectionDataset:
         return len(self.records)
 
 
+def _preview(ids: list[int], n: int = 10) -> str:
+    return str(ids[:n])[:-1] + (", ...]" if len(ids) > n else "]")
+
+
 def load_json(path: str, what: str) -> dict:
     """Reads a JSON annotation file; a missing or malformed file is a ValueError naming it."""
     if not os.path.isfile(path):
@@ -77,11 +81,14 @@ def build_dataset(
     file_name_of: Callable[[dict], str],
     check_files: bool,
     extra_image_fields: tuple[str, ...] = (),
+    image_text_fields: tuple[str, ...] = (),
+    annotation_fields: tuple[str, ...] = (),
 ) -> DetectionDataset:
     """Validates COCO-style `data` (loaded from `source`) and builds the `DetectionDataset`.
 
     `file_name_of(image_dict)` returns the image's file name relative to `image_dir`;
-    `extra_image_fields` are copied from each image dict onto its record (as int64 arrays).
+    `extra_image_fields` are copied from each image dict onto its record (as int64 arrays),
+    `image_text_fields` as they are, and `annotation_fields` as per-box lists (box order).
     """
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
@@ -123,7 +130,7 @@ def build_dataset(
         if cid not in cat_id_to_index:
             raise ValueError(
                 f"{source!r}: annotation id {aid} (image id {iid}) has category id {cid}, which "
-                f"is not in 'categories' (known ids: {cat_ids[:10]}{'...' if len(cat_ids) > 10 else ''}); "
+                f"is not in 'categories' (known ids: {_preview(cat_ids)}); "
                 "fix the category id or add the category."
             )
         bbox = ann.get("bbox")
@@ -173,6 +180,10 @@ def build_dataset(
         }
         for field in extra_image_fields:
             rec[field] = np.asarray(img.get(field, []), np.int64)
+        for field in image_text_fields:
+            rec[field] = img.get(field)
+        for field in annotation_fields:
+            rec[field] = [a.get(field) for a in anns]
         records.append(rec)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -13,6 +13,10 @@ Batch keys (B = batch_size, S = image_size, M = max_boxes):
     flipped   bool    [B]        whether the image was mirrored (original x = W - x)
     valid     bool    [B]        False only for eval padding entries
 
+`make_caption_loader` yields the image keys above (no box keys) plus whatever fixed-shape arrays
+the caller's `tokenize(caption)` returns (e.g. `input_ids`, `attention_mask`), for image-text
+pretraining (RegionCLIP / DetCLIPv2).
+
 Determinism: the order and the flips depend only on (seed, shard, position), so the same seed
 gives the same batches, and the iterator's `get_state()`/`set_state()` resume exactly.
 """
@@ -22,41 +26,109 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import grain
 import numpy as np
 
-from ovd_jax.data.transforms import CLIP_MEAN, CLIP_STD, detection_example, padding_example
+from ovd_jax.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    detection_example,
+    image_example,
+    padding_example,
+)
+
+if TYPE_CHECKING:
+    import grain
 
 
-def _check_args(records, batch_size, image_size, max_boxes, shard_index, shard_count):
+def _check_args(who, records, shard_index, shard_count, **sizes):
     if len(records) == 0:
-        raise ValueError("make_detection_loader got no records; check the dataset paths "
-                         "(config.data) - the annotation file lists no images.")
-    for name, value in (("batch_size", batch_size), ("image_size", image_size),
-                        ("max_boxes", max_boxes), ("shard_count", shard_count)):
+        raise ValueError(f"{who} got no records; check the dataset paths (config.data) - the "
+                         "annotation file lists no images.")
+    for name, value in (*sizes.items(), ("shard_count", shard_count)):
         if int(value) != value or value < 1:
-            raise ValueError(f"make_detection_loader: {name}={value!r} must be a positive int.")
+            raise ValueError(f"{who}: {name}={value!r} must be a positive int.")
     if not 0 <= shard_index < shard_count:
-        raise ValueError(f"make_detection_loader: shard_index={shard_index} must be in "
+        raise ValueError(f"{who}: shard_index={shard_index} must be in "
                          f"[0, shard_count={shard_count}) (use jax.process_index()).")
-
-
-def _train_example(index, record, *, seed, shard_index, hflip, **kw):
-    # The flip is a function of (seed, shard, position in this shard's stream) only, so it is
-    # reproduced exactly after a restart from a saved iterator state.
-    flip = bool(hflip) and np.random.default_rng([seed, shard_index, index]).random() < 0.5
-    return detection_example(record, flip=flip, **kw)
 
 
 # Placeholder record for eval padding (grain skips None elements in `map`, so not None).
 _PAD = {"padding": True}
 
 
-def _eval_example(record, *, image_size, max_boxes, **kw):
-    if record is _PAD:
-        return padding_example(image_size, max_boxes)
-    return detection_example(record, image_size=image_size, max_boxes=max_boxes, flip=False, **kw)
+class _PaddedShard(Sequence):
+    """Records shard_index, shard_index + shard_count, ... then `_PAD` up to a length that is the
+    same for every shard and a multiple of the batch size (lazy: records are indexed on use)."""
+
+    def __init__(self, records: Sequence, shard_index: int, shard_count: int, batch_size: int):
+        self._records, self._start, self._step = records, shard_index, shard_count
+        self._real = len(range(shard_index, len(records), shard_count))
+        per_shard = math.ceil(len(records) / shard_count)
+        self._len = math.ceil(per_shard / batch_size) * batch_size
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self._len:
+            raise IndexError(i)
+        return self._records[self._start + i * self._step] if i < self._real else _PAD
+
+
+def _train_example(index, record, *, seed, shard_index, make):
+    # Randomness is a function of (seed, shard, position in this shard's stream) only, so it is
+    # reproduced exactly after a restart from a saved iterator state.
+    return make(record, np.random.default_rng([seed, shard_index, index]))
+
+
+def _eval_example(record, *, make, pad):
+    return pad() if record is _PAD else make(record, None)
+
+
+def _make_loader(records, *, make, pad, batch_size, train, seed, num_epochs, shard_index,
+                 shard_count, drop_remainder, num_threads, prefetch_buffer_size):
+    """Shared pipeline: `make(record, rng or None) -> example`, `pad() -> padding example`."""
+    import grain  # imported here: it takes seconds, and readers/generator do not need it
+
+    if not isinstance(records, Sequence):
+        records = list(records)  # grain needs random access; lazy Sequences stay lazy
+    if train:
+        ds = grain.MapDataset.source(records).shuffle(seed=seed)
+        if num_epochs is not None:
+            if int(num_epochs) != num_epochs or num_epochs < 1:
+                raise ValueError(f"num_epochs={num_epochs!r} must be a positive int or None.")
+            ds = ds.repeat(num_epochs)
+            # Equal-length shards: multi-host steps must agree on the number of batches.
+            total = (len(ds) // shard_count) * shard_count
+            if total // shard_count < (batch_size if drop_remainder else 1):
+                raise ValueError(
+                    f"{len(records)} images x {num_epochs} epochs over {shard_count} shards give "
+                    f"no full batch of {batch_size}; lower batch_size or raise num_epochs."
+                )
+            ds = ds[:total]
+        else:
+            ds = ds.repeat(None)
+        # Shard after the global shuffle: every epoch is reshuffled across all hosts.
+        ds = ds[shard_index::shard_count]
+        ds = ds.map_with_index(functools.partial(
+            _train_example, seed=seed, shard_index=shard_index, make=make))
+    else:
+        shard = _PaddedShard(records, shard_index, shard_count, batch_size)
+        ds = grain.MapDataset.source(shard).map(
+            functools.partial(_eval_example, make=make, pad=pad))
+        drop_remainder = False  # the padded shard length is a multiple of batch_size
+    read = grain.ReadOptions(
+        num_threads=num_threads,
+        prefetch_buffer_size=prefetch_buffer_size or 2 * batch_size,
+    )
+    return ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
+
+
+def _detection(record, rng, *, hflip, **kw):
+    flip = rng is not None and bool(hflip) and rng.random() < 0.5
+    return detection_example(record, flip=flip, **kw)
 
 
 def make_detection_loader(
@@ -99,39 +171,85 @@ def make_detection_loader(
       num_threads, prefetch_buffer_size: grain read threads and prefetched examples
         (default 2 batches).
     """
-    _check_args(records, batch_size, image_size, max_boxes, shard_index, shard_count)
-    records = list(records)
-    kw = dict(image_size=image_size, max_boxes=max_boxes, cat_id_to_index=cat_id_to_index,
-              mean=mean, std=std, truncate=truncate)
-    if train:
-        ds = grain.MapDataset.source(records).shuffle(seed=seed)
-        if num_epochs is not None:
-            if int(num_epochs) != num_epochs or num_epochs < 1:
-                raise ValueError(f"num_epochs={num_epochs!r} must be a positive int or None.")
-            ds = ds.repeat(num_epochs)
-            # Equal-length shards: multi-host steps must agree on the number of batches.
-            total = (len(ds) // shard_count) * shard_count
-            if total // shard_count < (batch_size if drop_remainder else 1):
-                raise ValueError(
-                    f"{len(records)} images x {num_epochs} epochs over {shard_count} shards give "
-                    f"no full batch of {batch_size}; lower batch_size or raise num_epochs."
-                )
-            ds = ds[:total]
-        else:
-            ds = ds.repeat(None)
-        # Shard after the global shuffle: every epoch is reshuffled across all hosts.
-        ds = ds[shard_index::shard_count]
-        ds = ds.map_with_index(functools.partial(
-            _train_example, seed=seed, shard_index=shard_index, hflip=hflip, **kw))
-    else:
-        shard = records[shard_index::shard_count]
-        per_shard = math.ceil(len(records) / shard_count)
-        per_shard = math.ceil(per_shard / batch_size) * batch_size
-        shard = shard + [_PAD] * (per_shard - len(shard))
-        ds = grain.MapDataset.source(shard).map(functools.partial(_eval_example, **kw))
-        drop_remainder = False  # per_shard is a multiple of batch_size already
-    read = grain.ReadOptions(
-        num_threads=num_threads,
-        prefetch_buffer_size=prefetch_buffer_size or 2 * batch_size,
+    _check_args("make_detection_loader", records, shard_index, shard_count,
+                batch_size=batch_size, image_size=image_size, max_boxes=max_boxes)
+    make = functools.partial(
+        _detection, hflip=hflip, image_size=image_size, max_boxes=max_boxes,
+        cat_id_to_index=cat_id_to_index, mean=mean, std=std, truncate=truncate,
     )
-    return ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
+    pad = functools.partial(padding_example, image_size, max_boxes)
+    return _make_loader(
+        records, make=make, pad=pad, batch_size=batch_size, train=train, seed=seed,
+        num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
+        drop_remainder=drop_remainder, num_threads=num_threads,
+        prefetch_buffer_size=prefetch_buffer_size,
+    )
+
+
+_IMAGE_KEYS = ("image", "image_id", "scale", "image_hw", "orig_hw", "flipped", "valid")
+
+
+def _caption(record, rng, *, tokenize, hflip, **kw):
+    flip = rng is not None and bool(hflip) and rng.random() < 0.5
+    captions = record["captions"]
+    # Train: a random caption per visit; eval: the first one (deterministic).
+    text = captions[int(rng.integers(len(captions)))] if rng is not None else captions[0]
+    example, _ = image_example(record, flip=flip, **kw)
+    return _merge_text(example, tokenize(text))
+
+
+def _caption_pad(*, tokenize, image_size):
+    pad = padding_example(image_size, 1)
+    example = {k: pad[k] for k in _IMAGE_KEYS}
+    text = {k: np.zeros_like(np.asarray(v)) for k, v in tokenize("").items()}
+    return _merge_text(example, text)
+
+
+def _merge_text(example, text):
+    clash = set(text) & set(example)
+    if clash:
+        raise ValueError(f"make_caption_loader: tokenize() returned keys {sorted(clash)} that "
+                         "clash with the image keys; rename them.")
+    example.update({k: np.asarray(v) for k, v in text.items()})
+    return example
+
+
+def make_caption_loader(
+    records: Sequence[dict],
+    *,
+    batch_size: int,
+    image_size: int,
+    tokenize,
+    train: bool,
+    seed: int,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+    hflip: bool = False,
+    num_epochs: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    drop_remainder: bool = True,
+    num_threads: int = 4,
+    prefetch_buffer_size: int | None = None,
+) -> grain.IterDataset:
+    """Image-caption batches: the image keys of `make_detection_loader` plus `tokenize`'s output.
+
+    Args:
+      records: `load_coco_captions` records (each with a non-empty `captions` list).
+      tokenize: `str -> dict[str, np.ndarray]` of fixed shapes (e.g. input_ids int32 [L] padded
+        to the text tower's length). Eval padding entries get zeros of the same shapes.
+      hflip: off by default, since flipping breaks captions that say "left"/"right".
+      Other arguments as in `make_detection_loader` (train: one random caption per visit;
+      eval: the first caption of every image, exactly once, padded last batch).
+    """
+    _check_args("make_caption_loader", records, shard_index, shard_count,
+                batch_size=batch_size, image_size=image_size)
+    make = functools.partial(_caption, tokenize=tokenize, hflip=hflip, image_size=image_size,
+                             mean=mean, std=std)
+    pad = functools.partial(_caption_pad, tokenize=tokenize, image_size=image_size)
+    return _make_loader(
+        records, make=make, pad=pad, batch_size=batch_size, train=train, seed=seed,
+        num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
+        drop_remainder=drop_remainder, num_threads=num_threads,
+        prefetch_buffer_size=prefetch_buffer_size,
+    )

@@ -137,6 +137,49 @@ def pad_targets(
     return out_boxes, labels, mask
 
 
+def image_example(
+    record: dict,
+    *,
+    image_size: int,
+    flip: bool,
+    mean=CLIP_MEAN,
+    std=CLIP_STD,
+    boxes: np.ndarray | None = None,
+) -> tuple[dict, np.ndarray | None]:
+    """Decodes, optionally flips, resizes and normalises one record's image.
+
+    The record supplies its pixels as `image` (array/bytes/PIL) or else `path`. The decoded
+    size must equal the record's height/width, since annotations are in those pixels.
+
+    Returns (example dict with image/image_id/scale/image_hw/orig_hw/flipped/valid, `boxes`
+    [n,4] original px -> flipped and scaled input px, or None when no boxes are given).
+    """
+    name = record.get("path") or f"image_id {record.get('image_id')}"
+    image = decode_image(record["image"] if "image" in record else record["path"], name=name)
+    h, w = image.shape[:2]
+    if (h, w) != (int(record["height"]), int(record["width"])):
+        raise ValueError(
+            f"image {name!r} decodes to {h}x{w} (HxW) but its annotation says "
+            f"{record['height']}x{record['width']}; the boxes would be misplaced - fix the "
+            "image size in the annotation file."
+        )
+    if flip:
+        empty = np.zeros((0, 4), np.float32)
+        image, boxes_f = hflip(image, empty if boxes is None else boxes)
+        boxes = None if boxes is None else boxes_f
+    image, scale = resize_longest_side(image, image_size)
+    example = {
+        "image": normalize_and_pad(image, image_size, mean, std),
+        "image_id": np.int32(record["image_id"]),
+        "scale": np.float32(scale),
+        "image_hw": np.asarray(image.shape[:2], np.int32),
+        "orig_hw": np.asarray((h, w), np.int32),
+        "flipped": np.bool_(flip),
+        "valid": np.bool_(True),
+    }
+    return example, None if boxes is None else boxes * np.float32(scale)
+
+
 def detection_example(
     record: dict,
     *,
@@ -148,40 +191,17 @@ def detection_example(
     std=CLIP_STD,
     truncate: bool = False,
 ) -> dict:
-    """One record -> one fixed-shape example (see `ovd_jax.data.pipeline` for the keys).
-
-    The record supplies its pixels as `image` (array/bytes/PIL) or else `path`. The decoded
-    size must equal the record's height/width, since the boxes are in those pixels.
-    """
-    name = record.get("path") or f"image_id {record.get('image_id')}"
-    image = decode_image(record["image"] if "image" in record else record["path"], name=name)
-    h, w = image.shape[:2]
-    if (h, w) != (int(record["height"]), int(record["width"])):
-        raise ValueError(
-            f"image {name!r} decodes to {h}x{w} (HxW) but its annotation says "
-            f"{record['height']}x{record['width']}; the boxes would be misplaced - fix the "
-            "image size in the annotation file."
-        )
+    """One record -> one fixed-shape example (see `ovd_jax.data.pipeline` for the keys)."""
     boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
-    if flip:
-        image, boxes = hflip(image, boxes)
-    image, scale = resize_longest_side(image, image_size)
-    out_boxes, labels, mask = pad_targets(
-        boxes * np.float32(scale), record["category_ids"], record["iscrowd"], cat_id_to_index,
-        max_boxes, truncate=truncate, name=name,
+    example, boxes = image_example(
+        record, image_size=image_size, flip=flip, mean=mean, std=std, boxes=boxes
     )
-    return {
-        "image": normalize_and_pad(image, image_size, mean, std),
-        "boxes": out_boxes,
-        "labels": labels,
-        "box_mask": mask,
-        "image_id": np.int32(record["image_id"]),
-        "scale": np.float32(scale),
-        "image_hw": np.asarray(image.shape[:2], np.int32),
-        "orig_hw": np.asarray((h, w), np.int32),
-        "flipped": np.bool_(flip),
-        "valid": np.bool_(True),
-    }
+    out_boxes, labels, mask = pad_targets(
+        boxes, record["category_ids"], record["iscrowd"], cat_id_to_index, max_boxes,
+        truncate=truncate, name=record.get("path") or f"image_id {record.get('image_id')}",
+    )
+    example.update(boxes=out_boxes, labels=labels, box_mask=mask)
+    return example
 
 
 def padding_example(image_size: int, max_boxes: int) -> dict:

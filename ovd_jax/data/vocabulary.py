@@ -70,7 +70,8 @@ class Vocabulary:
         try:
             return self.class_names.index(name)
         except ValueError:
-            raise ValueError(f"{name!r} is not in the vocabulary {list(self.class_names)}") from None
+            names = list(self.class_names)
+            raise ValueError(f"{name!r} is not in the vocabulary {names}") from None
 
     @classmethod
     def from_names(cls, names: Sequence[str], novel: Sequence[str] = ()) -> Vocabulary:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 from collections.abc import Mapping
@@ -25,15 +27,29 @@ def load_json(path_or_obj, what: str):
     if not os.path.isfile(path):
         raise ValueError(f"{what} file {path!r} does not exist. Fix: pass an existing JSON path.")
     try:
-        if _orjson is not None:
-            with open(path, "rb") as f:
-                return _orjson.loads(f.read())
-        with open(path) as f:
-            return json.load(f)
+        with no_gc():
+            if _orjson is not None:
+                with open(path, "rb") as f:
+                    return _orjson.loads(f.read())
+            with open(path) as f:
+                return json.load(f)
     except ValueError as e:  # orjson.JSONDecodeError and json.JSONDecodeError are ValueErrors
         raise ValueError(
             f"{what} file {path!r} is not valid JSON ({e}). Fix: re-export the file."
         ) from None
+
+
+@contextlib.contextmanager
+def no_gc():
+    """Pauses the cyclic garbage collector: building millions of small dicts/lists otherwise
+    triggers repeated full collections (about 2x slower loads), and none of them form cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def check_gt(gt) -> Mapping:

@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ovd_jax.evaluation import _engine
-from ovd_jax.evaluation._io import annotation_arrays, check_gt, load_json, sorted_ids
+from ovd_jax.evaluation._io import annotation_arrays, check_gt, load_json, no_gc, sorted_ids
 from ovd_jax.evaluation.validate import parse_detections
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+@no_gc()
 def evaluate_coco(
     gt: Mapping | str,
     detections: Sequence[Mapping] | str,
@@ -37,7 +38,8 @@ def evaluate_coco(
       category_ids: evaluate only these GT categories (default: all).
       max_dets: detection caps per image and category, ascending (pycocotools: 1, 10, 100).
     Returns:
-      {"AP", "AP50", "AP75", "APs", "APm", "APl" (at max_dets[-1]), "AR{m}" for m in max_dets,
+      {"AP" (at 100 detections, -1 if 100 is not in max_dets, as pycocotools),
+      "AP50", "AP75", "APs", "APm", "APl" (at max_dets[-1]), "AR{m}" for m in max_dets,
       "ARs", "ARm", "ARl" (at max_dets[-1]): float (-1 where pycocotools gives -1),
       "per_category": {category_id: {"AP": float, "AP50": float}} (-1 without GT)}.
     Raises:
@@ -87,8 +89,15 @@ def evaluate_coco(
 def coco_summary(precision, recall, cat_ids: Sequence[int], max_dets: Sequence[int]) -> dict:
     """pycocotools' ``summarize()`` numbers as a dict (see ``evaluate_coco``)."""
     s = _engine.summarize
+    # pycocotools computes the headline AP at maxDets=100 whatever max_dets is (it gives -1
+    # when 100 is not among them); the other numbers use max_dets[-1].
+    ap_all = (
+        s(precision, recall, ap=True, m_index=list(max_dets).index(100))
+        if (100 in max_dets)
+        else -1.0
+    )
     out = {
-        "AP": s(precision, recall, ap=True),
+        "AP": ap_all,
         "AP50": s(precision, recall, ap=True, iou_thr=0.5),
         "AP75": s(precision, recall, ap=True, iou_thr=0.75),
         "APs": s(precision, recall, ap=True, area="small"),

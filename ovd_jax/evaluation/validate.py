@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ovd_jax.evaluation._io import check_gt, load_json, no_gc
+
 _KEYS = ("image_id", "category_id", "bbox", "score")
 
 
@@ -69,6 +71,11 @@ def parse_detections(
             f"detections must be a list of dicts (COCO results format), got "
             f"{type(detections).__name__}. Fix: pass the list loaded from the results JSON."
         )
+    with no_gc():
+        return _parse(detections, image_ids, category_ids)
+
+
+def _parse(detections, image_ids, category_ids):
     n = len(detections)
     try:
         imgs = [d["image_id"] for d in detections]
@@ -153,11 +160,12 @@ def parse_detections(
     return img_idx, cat_idx, box, score
 
 
-def validate_detections(detections: Sequence[Mapping], gt: Mapping) -> None:
+def validate_detections(gt: Mapping, detections: Sequence[Mapping]) -> None:
     """Raises ValueError naming the first malformed detection; returns None when all are fine.
 
-    gt: a COCO/LVIS instances dict (``images`` and ``categories`` are used).
+    gt: a COCO/LVIS instances dict or path (``images`` and ``categories`` are used).
     """
+    gt = check_gt(load_json(gt, "ground truth"))
     image_ids = sorted({im["id"] for im in gt["images"]})
     cat_ids = sorted({c["id"] for c in gt["categories"]})
     parse_detections(detections, image_ids, cat_ids)

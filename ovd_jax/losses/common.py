@@ -22,7 +22,8 @@ def softmax_focal_cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray, gamma
     logp_t = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     ce = -logp_t
     if gamma:
-        ce = ce * (1.0 - jnp.exp(logp_t)) ** gamma
+        # Clamped: d/dp (1 - p)^gamma is infinite at p = 1 for gamma < 1 (saturated logits).
+        ce = ce * jnp.maximum(1.0 - jnp.exp(logp_t), 1e-12) ** gamma
     return ce
 
 

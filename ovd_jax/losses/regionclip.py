@@ -34,7 +34,8 @@ def transfer_classification_loss(logits, targets, valid, *, gamma: float, backgr
 
 
 def normalize(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-6)
+    """L2 normalisation with a gradient that stays finite at x = 0."""
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-12)
 
 
 def concept_embeddings(text_features: jnp.ndarray, num_templates: int) -> jnp.ndarray:

@@ -20,7 +20,7 @@ from ovd_jax.models.rpn import select_proposals
 from ovd_jax.ops import anchors as anchor_ops
 from ovd_jax.ops import boxes as box_ops
 from ovd_jax.ops import matchers
-from ovd_jax.ops import nms as nms_ops
+from ovd_jax.ops.nms import batched_nms
 
 
 def compute_dtype(config):
@@ -55,7 +55,9 @@ def build_model(config, *, text_vocab_size: int, eot_token_id: int | None) -> Re
 def feature_hw(config) -> tuple[int, int]:
     s = int(config.data.image_size)
     if s % 32:
-        raise ValueError(f"config.data.image_size={s} must be a multiple of 32 (CLIP ResNet strides)")
+        raise ValueError(
+            f"config.data.image_size={s} must be a multiple of 32 (CLIP ResNet strides)"
+        )
     return s // RES4_STRIDE, s // RES4_STRIDE
 
 
@@ -143,9 +145,12 @@ def train_loss(model, params, model_state, batch, concept_tokens, rng, config):
         lambda k, b, v: _rpn_targets(k, anchors_, b, v, m)
     )(jax.random.split(k_rpn, n), gt_boxes, gt_valid)
     normaliser = float(n * m.rpn_batch_size_per_image)
-    rpn_cls = jnp.sum(loss_common.sigmoid_bce(objectness, fg.astype(jnp.float32)) * (fg | bg))
-    rpn_cls = rpn_cls / normaliser
-    rpn_box = jnp.sum(loss_common.l1(rpn_deltas, rpn_targets) * fg) / normaliser
+    # jnp.where, not a multiply: targets of unmatched entries may be inf/NaN (padded boxes).
+    rpn_cls = jnp.sum(
+        jnp.where(fg | bg, loss_common.sigmoid_bce(objectness, fg.astype(jnp.float32)), 0.0)
+    ) / normaliser
+    rpn_targets = jnp.where(fg[..., None], rpn_targets, 0.0)
+    rpn_box = jnp.sum(jnp.where(fg, loss_common.l1(rpn_deltas, rpn_targets), 0.0)) / normaliser
 
     proposals, _, prop_valid = jax.vmap(
         lambda o, d, hw: select_proposals(
@@ -164,7 +169,8 @@ def train_loss(model, params, model_state, batch, concept_tokens, rng, config):
     cls_loss = rc_losses.transfer_classification_loss(
         logits, cls_t, roi_valid, gamma=m.focal_gamma, background_weight=m.background_weight
     )
-    box_loss = jnp.sum(loss_common.l1(box_deltas, box_t) * roi_fg) / jnp.maximum(
+    box_t = jnp.where(roi_fg[..., None], box_t, 0.0)
+    box_loss = jnp.sum(jnp.where(roi_fg, loss_common.l1(box_deltas, box_t), 0.0)) / jnp.maximum(
         roi_valid.sum(), 1.0
     )
     loss = m.rpn_loss_weight * (rpn_cls + rpn_box) + cls_loss + m.box_loss_weight * box_loss
@@ -223,7 +229,7 @@ def _per_class_nms(boxes, probs, valid, e):
     topk = min(int(e.pre_nms_topk), p * k)
     top_scores, top_idx = jax.lax.top_k(scores, topk)
     ok = top_scores > e.score_threshold
-    keep, keep_valid = nms_ops.batched_nms(
+    keep, keep_valid = batched_nms(
         flat_boxes[top_idx], top_scores, classes[top_idx], e.nms_threshold, e.max_detections,
         valid=ok,
     )

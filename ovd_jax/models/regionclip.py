@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ovd_jax.models import layers
@@ -62,7 +63,7 @@ class RegionCLIPDetector(nn.Module):
         rois = rois.reshape((n * r, p, p, rois.shape[-1]))
         c5 = self.vision.res5(rois)
         emb = self.vision.attnpool(c5).astype(jnp.float32)
-        emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-6)
+        emb = emb * jax.lax.rsqrt(jnp.sum(emb * emb, axis=-1, keepdims=True) + 1e-12)
         deltas = self.box_head(jnp.mean(c5, axis=(1, 2))).astype(jnp.float32)
         return emb.reshape(n, r, -1), deltas.reshape(n, r, 4)
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from ovd_jax.models import layers
 from ovd_jax.ops import boxes as box_ops
-from ovd_jax.ops import nms as nms_ops
+from ovd_jax.ops.nms import topk_nms
 
 
 class RPNHead(nn.Module):
@@ -78,7 +78,7 @@ def select_proposals(
     boxes = box_ops.clip_boxes(boxes, image_hw[0], image_hw[1])
     wh = boxes[:, 2:] - boxes[:, :2]
     ok = jnp.all(wh > min_size, axis=-1) & jnp.isfinite(objectness)
-    keep, keep_valid = nms_ops.topk_nms(
+    keep, keep_valid = topk_nms(
         boxes, objectness, pre_nms_topk, nms_threshold, post_nms_topk, valid=ok
     )
     out_boxes = jnp.where(keep_valid[:, None], boxes[keep], 0.0)

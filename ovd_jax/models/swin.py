@@ -211,7 +211,8 @@ class SwinStage(nn.Module):
     """Blocks of one stage, then (optionally) the output norm and the patch merging.
 
     Returns `(stage_output, next_input)`: the stage output (after `out_norm` if enabled) at this
-    stage's stride, and the merged map for the next stage (None for the last stage).
+    stage's stride, and the merged map for the next stage (the raw stage output for the last
+    stage, which the classifier's final norm consumes).
     """
 
     depth: int
@@ -239,7 +240,7 @@ class SwinStage(nn.Module):
                 name=f"block_{i}", **dt,
             )(x, deterministic)
         out = layer_norm(epsilon=self.eps, name="out_norm", **dt)(x) if self.out_norm else x
-        nxt = PatchMerging(self.eps, name="downsample", **dt)(x) if self.downsample else None
+        nxt = PatchMerging(self.eps, name="downsample", **dt)(x) if self.downsample else x
         return out, nxt
 
 
@@ -298,12 +299,11 @@ class SwinTransformer(nn.Module):
             raise ValueError(f"SwinTransformer: images must be [N, H, W, 3], got {images.shape}.")
         x = _pad_to(images.astype(self.dtype), self.patch_size, self.patch_size)
         x = self.patch_norm(self.patch_proj(x))
-        outs, last = [], None
+        outs = []
         for stage in self.stages:
-            out, nxt = stage(x, deterministic)
+            out, x = stage(x, deterministic)
             outs.append(out)
-            last, x = x, nxt
-        return outs, last
+        return outs, x
 
     def features(self, images, deterministic: bool = True) -> dict[str, jax.Array]:
         """images [N, H, W, 3] (normalised pixels) → {"res2".."res5"} NHWC at strides 4..32."""

@@ -11,12 +11,14 @@ from ovd_jax.ops.boxes import (
     generalized_box_iou,
     xyxy_to_cxcywh,
 )
+from ovd_jax.ops.deform_conv import ModulatedDeformConv, deform_conv2d
 from ovd_jax.ops.matchers import iou_matcher, sample_balanced
 from ovd_jax.ops.nms import batched_nms, nms, topk_nms
 from ovd_jax.ops.roi_align import assign_boxes_to_levels, multilevel_roi_align, roi_align
 
 __all__ = [
     "BoxCoder",
+    "ModulatedDeformConv",
     "assign_boxes_to_levels",
     "atss_assign",
     "batched_nms",
@@ -24,6 +26,7 @@ __all__ = [
     "box_iou",
     "clip_boxes",
     "cxcywh_to_xyxy",
+    "deform_conv2d",
     "generalized_box_iou",
     "generate_anchors",
     "iou_matcher",

@@ -43,8 +43,9 @@ def atss_assign(
     g = gt_boxes.shape[0]
     if g == 0:
         return jnp.full((a,), -1, jnp.int32)
-    anchors = anchors.astype(jnp.float32)
-    gt_boxes = gt_boxes.astype(jnp.float32)
+    anchors = jnp.asarray(anchors, jnp.float32)
+    gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
+    gt_valid = jnp.asarray(gt_valid, bool)
     ious = box_iou(gt_boxes, anchors)  # [G, A]
     gcx = (gt_boxes[:, 2] + gt_boxes[:, 0]) / 2.0
     gcy = (gt_boxes[:, 3] + gt_boxes[:, 1]) / 2.0

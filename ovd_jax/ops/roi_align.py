@@ -23,7 +23,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
+
+_UNROLL_MAX_GRID = 4
 
 
 def _pair(output_size) -> tuple[int, int]:
@@ -103,15 +106,32 @@ def _roi_align_table(
     wyh = wyh * inv
     rows_l = base[:, None, None] + yl * width[:, None, None]  # [R, oh, g]
     rows_h = base[:, None, None] + yh * width[:, None, None]
-    out = None
-    for iy in range(gmax):
+    def sample_sum(iy, ix):
+        """Weighted sum of the 4 corners of sample (iy, ix) of every bin: [R, oh, ow, C]."""
+        acc = None
         for ry, wy in ((rows_l[:, :, iy], wyl[:, :, iy]), (rows_h[:, :, iy], wyh[:, :, iy])):
+            for cx, wx in ((xl[:, :, ix], wxl[:, :, ix]), (xh[:, :, ix], wxh[:, :, ix])):
+                idx = ry[:, :, None] + cx[:, None, :]  # [R, oh, ow]
+                w = (wy[:, :, None] * wx[:, None, :])[..., None]
+                term = table[idx] * w  # bf16 features accumulate in float32
+                acc = term if acc is None else acc + term
+        return acc
+
+    if gmax <= _UNROLL_MAX_GRID:
+        # Unrolled: XLA fuses all gathers and the weighted sum into one kernel.
+        out = None
+        for iy in range(gmax):
             for ix in range(gmax):
-                for cx, wx in ((xl[:, :, ix], wxl[:, :, ix]), (xh[:, :, ix], wxh[:, :, ix])):
-                    idx = ry[:, :, None] + cx[:, None, :]  # [R, oh, ow]
-                    w = (wy[:, :, None] * wx[:, None, :])[..., None]
-                    term = table[idx] * w  # bf16 features accumulate in float32
-                    out = term if out is None else out + term
+                term = sample_sum(iy, ix)
+                out = term if out is None else out + term
+    else:
+        # Large (adaptive) grids: a loop keeps the program small.
+        def body(acc, k):
+            return acc + sample_sum(k // gmax, k % gmax), None
+
+        init = jnp.zeros(boxes.shape[:1] + (oh, ow, table.shape[-1]),
+                         jnp.promote_types(table.dtype, f32))
+        out, _ = jax.lax.scan(body, init, jnp.arange(gmax * gmax))
     return out.astype(table.dtype)
 
 

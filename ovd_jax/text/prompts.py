@@ -26,6 +26,8 @@ def concept_prompts(class_names: Sequence[str], templates: Sequence[str]) -> lis
     return [t.format(name) for name in class_names for t in templates]
 
 
-def tokenize_concepts(tokenizer, class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+def tokenize_concepts(
+    tokenizer, class_names: Sequence[str], templates: Sequence[str]
+) -> np.ndarray:
     """Token ids [K * T, L] int32 for every (class, template) prompt, concept-major."""
     return np.asarray(tokenizer(concept_prompts(class_names, templates)), np.int32)

@@ -105,7 +105,8 @@ def _default_clip_bpe() -> str:
         ) from e
     path = os.path.join(os.path.dirname(open_clip.__file__), _CLIP_BPE_NAME)
     if not os.path.exists(path):
-        raise ValueError(f"open_clip is installed but {path} is missing; reinstall open-clip-torch.")
+        raise ValueError(f"open_clip is installed but {path} is missing; reinstall "
+                         "open-clip-torch.")
     return path
 
 

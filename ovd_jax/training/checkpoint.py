@@ -31,7 +31,10 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 2):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # Synchronous saves: a step directory is complete when save() returns (and on SIGTERM).
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

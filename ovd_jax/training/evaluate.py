@@ -137,7 +137,8 @@ def evaluate(exp, variables, mesh, out_dir: str, *, progress: bool = True) -> di
 
 def format_headline(metrics: dict) -> str:
     """A small table of the headline numbers."""
-    keys = [k for k in ("AP", "AP50", "AP75", "base_AP50", "novel_AP50", "all_AP50") if k in metrics]
+    names = ("AP", "AP50", "AP75", "base_AP50", "novel_AP50", "all_AP50")
+    keys = [k for k in names if k in metrics]
     head = " | ".join(f"{k:>10}" for k in keys)
     row = " | ".join(f"{metrics[k]:10.4f}" for k in keys)
     return f"{head}\n{'-' * len(head)}\n{row}"

@@ -128,7 +128,7 @@ def build_experiment(config, *, with_train: bool = True) -> Experiment:
             train_classes = _select(list(train_vocab.class_names), config.data.train_classes,
                                     "config.data.train_classes")
         else:
-            train_classes = train_vocab.base_names()
+            train_classes = list(train_vocab.base_names)
         by_name = {c["name"]: c["id"] for c in train_data.categories}
         train_map = {by_name[n]: i for i, n in enumerate(train_classes)}
         outside = sorted({

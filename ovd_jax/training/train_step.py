@@ -11,6 +11,7 @@ import optax
 
 from ovd_jax.training import sharding as shd
 from ovd_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from ovd_jax.training.pretrained import merge_pretrained_towers
 from ovd_jax.training.state import TrainState
 
 # Batch keys the train step reads (the rest — ids, scales — stays on the host).
@@ -36,6 +37,8 @@ def create_train_state(exp, mesh, key):
         variables = jax.jit(exp.model.init, out_shardings=var_shardings)(key, *args)
     variables = _unbox(variables)
     var_shardings = _unbox(var_shardings)
+    if config.model.get("init_checkpoint"):
+        variables = merge_pretrained_towers(variables, config.model.init_checkpoint)
     params = variables.pop("params")
     tx = make_optimizer(config, params)
     # Moments are created like the parameters, so XLA gives them the parameters' shardings.
@@ -49,6 +52,8 @@ def create_train_state(exp, mesh, key):
         model_state={k: v for k, v in var_shardings.items() if k != "params"},
         opt_state=opt_shardings,
     )
+    # Committed to the mesh so the first and later steps see the same input shardings.
+    state = jax.device_put(state, state_shardings)
     return state, state_shardings, tx
 
 

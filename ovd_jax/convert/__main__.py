@@ -1,0 +1,46 @@
+"""CLI: `python -m ovd_jax.convert --format FORMAT --input PATH --output DIR [--model NAME]`.
+
+Converts a PyTorch checkpoint into our format (config.json + variables.msgpack). Each format maps
+to one function `(input, output, model) -> output_dir`; other modules add theirs to CONVERTERS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from ovd_jax.convert.clip import convert_clip
+
+
+def _clip(fmt: str) -> Callable[[str, str, str | None], str]:
+    return lambda inp, out, model: convert_clip(inp, out, fmt, model=model)
+
+
+CONVERTERS: dict[str, Callable[[str, str, str | None], str]] = {
+    "openai_clip": _clip("openai_clip"),
+    "hf_clip": _clip("hf_clip"),
+    "open_clip": _clip("open_clip"),
+    "regionclip": _clip("regionclip"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ovd_jax.convert", description=__doc__)
+    parser.add_argument("--format", required=True, choices=sorted(CONVERTERS))
+    parser.add_argument("--input", required=True, help="checkpoint file or folder")
+    parser.add_argument("--output", required=True, help="output folder (our format)")
+    parser.add_argument("--model", default=None,
+                        help="model name, e.g. an open_clip name such as RN50-quickgelu")
+    args = parser.parse_args(argv)
+    try:
+        out = CONVERTERS[args.format](args.input, args.output, args.model)
+    except ValueError as e:  # bad input: one clear message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
