@@ -2,7 +2,8 @@
 
 Model mode (newest checkpoint of a run, or a given one):
     python eval.py --workdir=runs/demo
-    python eval.py --config=configs/demo.py --checkpoint=runs/demo/checkpoints/1200
+    python eval.py --config=configs/demo.py --checkpoint=runs/demo/checkpoints/800
+    python eval.py --workdir=runs/demo --protocol=gt_boxes   # RegionCLIP zero-shot, GT boxes
 Metrics-only mode (no model):
     python eval.py --gt instances.json --detections results.json --metric coco|lvis \
         [--fixed_ap] [--split_file ovd_split.json] --output metrics.json
@@ -19,6 +20,9 @@ config_flags.DEFINE_config_file("config", None, "Recipe file (default: the run's
 flags.DEFINE_string("workdir", None, "Training run directory (newest checkpoint is used).")
 flags.DEFINE_string("checkpoint", None, "A checkpoint directory (overrides --workdir's newest).")
 flags.DEFINE_string("output_dir", None, "Where metrics/detections go (model mode).")
+flags.DEFINE_enum("protocol", "detection", ["detection", "gt_boxes"],
+                  "Model mode: full detection, or RegionCLIP's zero-shot classification of "
+                  "ground-truth boxes (region accuracy + AP).")
 flags.DEFINE_string("gt", None, "Metrics-only: ground-truth instances JSON.")
 flags.DEFINE_string("detections", None, "Metrics-only: COCO-format results JSON.")
 flags.DEFINE_enum("metric", "coco", ["coco", "lvis"], "Metrics-only: which protocol.")
@@ -44,7 +48,8 @@ def main(argv):
 
     launch.setup_runtime(distributed=FLAGS.distributed)
     launch.evaluate_model(FLAGS.config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                          output_dir=FLAGS.output_dir, progress=FLAGS.progress)
+                          output_dir=FLAGS.output_dir, protocol=FLAGS.protocol,
+                          progress=FLAGS.progress)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Python API: `load_clip(path) -> (CLIP, variables)`, `convert_clip(path, out_dir)
 ovd_jax.convert --format ... --input PATH --output DIR`.
 """
 
+from ovd_jax.convert.bert import load_bert
 from ovd_jax.convert.clip import convert_clip, load_clip, load_clip_checkpoint
 from ovd_jax.convert.common import (
     CheckpointMismatchError,
@@ -12,6 +13,7 @@ from ovd_jax.convert.common import (
     read_state_dict,
     save_checkpoint,
 )
+from ovd_jax.convert.swin import load_swin
 
 __all__ = [
     "CheckpointMismatchError",
@@ -19,6 +21,8 @@ __all__ = [
     "load_checkpoint",
     "load_clip",
     "load_clip_checkpoint",
+    "load_bert",
+    "load_swin",
     "read_state_dict",
     "save_checkpoint",
 ]

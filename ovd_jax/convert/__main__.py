@@ -7,14 +7,35 @@ to one function `(input, output, model) -> output_dir`; other modules add theirs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 
 from ovd_jax.convert.clip import convert_clip
+from ovd_jax.convert.common import save_checkpoint
 
 
 def _clip(fmt: str) -> Callable[[str, str, str | None], str]:
     return lambda inp, out, model: convert_clip(inp, out, fmt, model=model)
+
+
+def _bert(inp: str, out: str, model: str | None) -> str:
+    """HF BERT folder / GLIP .pth language backbone -> our format ({"type": "bert", ...})."""
+    from ovd_jax.convert.bert import load_bert  # noqa: PLC0415
+
+    bert, variables = load_bert(inp)
+    config = {"type": "bert", **dataclasses.asdict(bert.config)}
+    return save_checkpoint(out, config, variables)
+
+
+def _swin(inp: str, out: str, model: str | None) -> str:
+    """torchvision / Microsoft / GLIP Swin state dict -> our format; --model picks the
+    architecture (swin_t, swin_s, swin_b; default swin_t)."""
+    from ovd_jax.convert.swin import load_swin  # noqa: PLC0415
+
+    arch = model or "swin_t"
+    _, variables = load_swin(inp, arch)
+    return save_checkpoint(out, {"type": "swin", "arch": arch}, variables)
 
 
 CONVERTERS: dict[str, Callable[[str, str, str | None], str]] = {
@@ -22,6 +43,8 @@ CONVERTERS: dict[str, Callable[[str, str, str | None], str]] = {
     "hf_clip": _clip("hf_clip"),
     "open_clip": _clip("open_clip"),
     "regionclip": _clip("regionclip"),
+    "hf_bert": _bert,
+    "swin": _swin,
 }
 
 

@@ -239,3 +239,15 @@ def _per_class_nms(boxes, probs, valid, e):
         "classes": classes[top_idx][keep],
         "valid": keep_valid,
     }
+
+
+def classify_boxes(model, variables, images, boxes, concepts, config):
+    """RegionCLIP's zero-shot-with-GT-boxes protocol: class probabilities of given boxes.
+
+    images [N,S,S,3], boxes [N,M,4] input pixels, concepts [K,D] -> probs [N,M,K] (softmax over
+    the concepts at the config temperature; no background).
+    """
+    res4 = model.apply(variables, images, method=RegionCLIPDetector.backbone)
+    region_emb, _ = model.apply(variables, res4, boxes, method=RegionCLIPDetector.region_features)
+    logits = jnp.einsum("nmd,kd->nmk", region_emb, concepts) / config.model.temperature
+    return jax.nn.softmax(logits, axis=-1)

@@ -17,17 +17,15 @@ from tqdm import tqdm
 
 from ovd_jax import visualize
 from ovd_jax.data.pipeline import make_detection_loader
-from ovd_jax.evaluation import coco_eval, ovd
+from ovd_jax.evaluation import coco_eval, gt_boxes_protocol, ovd
 from ovd_jax.training import sharding as shd
 from ovd_jax.training.checkpoint import dump_json_atomic
 
 HEADLINE = ("AP", "AP50", "base_AP50", "novel_AP50")
 
 
-def predict_dataset(exp, variables, mesh, *, progress: bool = True) -> list[dict]:
-    """Runs the detector over the validation set; returns COCO-format result dicts."""
+def _eval_loader(exp, mesh):
     config = exp.config
-    rules = shd.rules_tuple(config.sharding.rules)
     eval_bs = int(config.eval.batch_size)
     if eval_bs % shd.data_parallel_size(mesh):
         raise ValueError(
@@ -40,17 +38,29 @@ def predict_dataset(exp, variables, mesh, *, progress: bool = True) -> list[dict
         train=False, seed=config.seed, shard_index=jax.process_index(),
         shard_count=jax.process_count(), drop_remainder=False,
     )
+    return loader, -(-len(exp.val_data.records) // eval_bs)
+
+
+def _concepts(exp, variables):
+    """[K, D] template-ensembled embeddings of the evaluation vocabulary."""
+    templates = len(exp.config.text.templates)
+    return jax.jit(
+        lambda v, t: exp.method.concept_embeddings(exp.model, v, t, templates)
+    )(variables, jnp.asarray(exp.eval_tokens))
+
+
+def predict_dataset(exp, variables, mesh, *, progress: bool = True) -> list[dict]:
+    """Runs the detector over the validation set; returns COCO-format result dicts."""
+    config = exp.config
+    rules = shd.rules_tuple(config.sharding.rules)
+    loader, total = _eval_loader(exp, mesh)
     method, model = exp.method, exp.model
-    templates = len(config.text.templates)
     with mesh, nn.logical_axis_rules(rules):
-        concepts = jax.jit(
-            lambda v, t: method.concept_embeddings(model, v, t, templates)
-        )(variables, jnp.asarray(exp.eval_tokens))
+        concepts = _concepts(exp, variables)
         # Inputs arrive already sharded (images over the batch axes), so jit follows them.
         predict = jax.jit(lambda v, im, hw, c: method.predict(model, v, im, hw, c, config))
         cat_ids = np.asarray(exp.eval_vocab.cat_ids)
         results = []
-        total = -(-len(exp.val_data.records) // eval_bs)
         for batch in tqdm(loader, total=total, desc="eval", disable=not progress, leave=False):
             sharded = shd.shard_batch({"image": batch["image"], "hw": batch["image_hw"]}, mesh)
             out = predict(variables, sharded["image"], sharded["hw"], concepts)
@@ -132,6 +142,47 @@ def evaluate(exp, variables, mesh, out_dir: str, *, progress: bool = True) -> di
         dump_json_atomic(os.path.join(out_dir, "detections.json"), results)
         dump_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
         write_visualizations(exp, results, out_dir, int(exp.config.eval.num_visualizations))
+    return metrics
+
+
+def evaluate_gt_boxes(exp, variables, mesh, out_dir: str, *, progress: bool = True) -> dict:
+    """RegionCLIP's zero-shot protocol with ground-truth boxes: every (non-crowd) GT box is
+    classified against the evaluation vocabulary; reports top-1/top-5 region accuracy and the AP
+    of the resulting detections. Writes `<out_dir>/metrics_gt_boxes.json`."""
+    if exp.config.data.eval_classes:
+        raise ValueError("the GT-box protocol scores every dataset category; unset "
+                         "config.data.eval_classes.")
+    config = exp.config
+    rules = shd.rules_tuple(config.sharding.rules)
+    loader, total = _eval_loader(exp, mesh)
+    rows_boxes, rows_images, rows_cls, rows_scores = [], [], [], []
+    with mesh, nn.logical_axis_rules(rules):
+        concepts = _concepts(exp, variables)
+        classify = jax.jit(
+            lambda v, im, b, c: exp.method.classify_boxes(exp.model, v, im, b, c, config)
+        )
+        for batch in tqdm(loader, total=total, desc="gt boxes", disable=not progress,
+                          leave=False):
+            sharded = shd.shard_batch({"image": batch["image"], "boxes": batch["boxes"]}, mesh)
+            probs = np.asarray(jax.device_get(
+                classify(variables, sharded["image"], sharded["boxes"], concepts)
+            ))
+            for i in range(len(batch["image_id"])):
+                if not batch["valid"][i]:
+                    continue
+                m = batch["box_mask"][i]
+                b = batch["boxes"][i][m] / float(batch["scale"][i])
+                rows_boxes.append(np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1))
+                rows_images.extend([int(batch["image_id"][i])] * int(m.sum()))
+                rows_cls.append(batch["labels"][i][m])
+                rows_scores.append(probs[i][m])
+    metrics = gt_boxes_protocol.zero_shot_gt_box_metrics(
+        exp.val_data.gt, rows_images, np.concatenate(rows_cls), np.concatenate(rows_scores),
+        boxes=np.concatenate(rows_boxes), category_ids=list(exp.eval_vocab.cat_ids),
+    )
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        dump_json_atomic(os.path.join(out_dir, "metrics_gt_boxes.json"), metrics)
     return metrics
 
 

@@ -46,7 +46,8 @@ def load_config_for_eval(config, workdir: str | None):
 
 
 def evaluate_model(config, *, workdir: str | None, checkpoint: str | None,
-                   output_dir: str | None, progress: bool = True) -> dict:
+                   output_dir: str | None, protocol: str = "detection",
+                   progress: bool = True) -> dict:
     """Restores a checkpoint, runs the detector on the validation set, writes and returns
     metrics (`<output_dir>/metrics.json`, `detections.json`, annotated images)."""
     config = load_config_for_eval(config, workdir)
@@ -58,9 +59,18 @@ def evaluate_model(config, *, workdir: str | None, checkpoint: str | None,
     variables, step = loop.restore_for_eval(exp, mesh, source)
     out = output_dir or os.path.join(workdir or os.path.dirname(os.path.abspath(source)),
                                      f"eval_{step}")
-    metrics = evaluation.evaluate(exp, variables, mesh, out, progress=progress)
+    if protocol == "gt_boxes":
+        metrics = evaluation.evaluate_gt_boxes(exp, variables, mesh, out, progress=progress)
+        name = "metrics_gt_boxes.json"
+        headline = {k: metrics[k] for k in ("top1_accuracy", "top5_accuracy", "AP", "AP50")}
+        table = "\n".join(f"{k:>15}: {v:.4f}" for k, v in headline.items())
+    elif protocol == "detection":
+        metrics = evaluation.evaluate(exp, variables, mesh, out, progress=progress)
+        name, table = "metrics.json", evaluation.format_headline(metrics)
+    else:
+        raise ValueError(f"--protocol={protocol!r}: use 'detection' or 'gt_boxes'.")
     metrics["checkpoint_step"] = step
     if jax.process_index() == 0:
-        print(evaluation.format_headline(metrics))
-        print(f"wrote {os.path.join(out, 'metrics.json')}")
+        print(table)
+        print(f"wrote {os.path.join(out, name)}")
     return metrics
