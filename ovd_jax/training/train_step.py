@@ -42,8 +42,13 @@ def create_train_state(exp, mesh, key):
     params = variables.pop("params")
     tx = make_optimizer(config, params)
     # Moments are created like the parameters, so XLA gives them the parameters' shardings.
+    # Scalars (step counts) come back on one device: those are replicated over the mesh.
     opt_state = jax.jit(tx.init)(params)
-    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    mesh_devices = set(mesh.devices.flat)
+    opt_shardings = jax.tree.map(
+        lambda x: x.sharding if x.sharding.device_set == mesh_devices else shd.replicated(mesh),
+        opt_state,
+    )
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
                        opt_state=opt_state)
     state_shardings = TrainState(
