@@ -9,7 +9,7 @@ Metrics-only mode (no model):
         [--fixed_ap] [--split_file ovd_split.json] --output metrics.json
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ovd_jax.training.cli import parse_flags
@@ -36,6 +36,8 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # orbax/JAX log a lot at INFO; --verbosity=0 shows it
+        logging.set_verbosity(logging.WARNING)
     if FLAGS.gt or FLAGS.detections:
         if not (FLAGS.gt and FLAGS.detections):
             raise app.UsageError("metrics-only mode needs both --gt and --detections")

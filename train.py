@@ -7,7 +7,7 @@
 Re-running with the same --workdir resumes from its newest checkpoint.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ovd_jax.training import launch
@@ -25,6 +25,8 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # orbax/JAX log a lot at INFO; --verbosity=0 shows it
+        logging.set_verbosity(logging.WARNING)
     launch.setup_runtime(distributed=FLAGS.distributed)
     launch.train(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
 

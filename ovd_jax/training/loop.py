@@ -130,7 +130,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
         state, data_state = checkpointer.restore(latest, abstract, meta)
         if data_state:
             iterator.set_state(data_state)
-        logging.info("resumed from step %d", latest)
+        if jax.process_index() == 0:
+            print(f"resumed from {checkpointer.directory}/{latest}")
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=1))
 
