@@ -56,7 +56,6 @@ def regionclip_model(vision: str = "RN50", text: str = "RN50") -> ml_collections
     m.score = "softmax"
     # A checkpoint directory written by `python -m ovd_jax.convert` to start from (empty: random).
     m.init_checkpoint = ""
-    # Parameter-path prefixes whose pretrained values are kept frozen (text tower, by default).
     return m
 
 

@@ -74,7 +74,7 @@ def init_args(config, num_prompts: int):
     s = int(config.data.image_size)
     return (
         jnp.zeros((1, s, s, 3), jnp.float32),
-        jnp.tile(jnp.asarray([[[0.0, 0.0, 32.0, 32.0]]]), (1, 1, 1)),
+        jnp.asarray([[[0.0, 0.0, 32.0, 32.0]]]),
         jnp.zeros((num_prompts, int(config.text.context_length)), jnp.int32),
     )
 

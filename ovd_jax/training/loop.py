@@ -27,7 +27,7 @@ from ovd_jax.training.metric_writer import MetricWriter
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
+    """Set by SIGTERM (preemption); the loop checkpoints and exits at the next step boundary."""
 
     def __init__(self):
         self.stop = False

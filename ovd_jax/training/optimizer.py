@@ -8,16 +8,25 @@ import optax
 
 
 def _path_labels(params, config) -> dict:
-    """Labels each parameter 'frozen', 'lr_x<mult>' or 'default' from its '/'-joined path."""
+    """Labels each parameter 'frozen', 'lr_x<mult>' or 'default' from its '/'-joined path.
+
+    A frozen text tower (`config.text.trainable=False`) is frozen here too: with zero gradients
+    AdamW's weight decay would still shrink it.
+    """
     frozen = tuple(config.optim.frozen)
+    if "text" in config and not config.text.trainable:
+        frozen += ("text",)
     mults = tuple((p, float(m)) for p, m in config.optim.lr_multipliers)
+
+    def under(joined: str, prefix: str) -> bool:
+        return joined == prefix or joined.startswith(prefix.rstrip("/") + "/")
 
     def label(path: tuple[str, ...]) -> str:
         joined = "/".join(path)
-        if any(joined.startswith(p) for p in frozen):
+        if any(under(joined, p) for p in frozen):
             return "frozen"
         for prefix, mult in mults:
-            if joined.startswith(prefix):
+            if under(joined, prefix):
                 return f"lr_x{mult}"
         return "default"
 
