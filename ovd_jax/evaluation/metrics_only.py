@@ -48,7 +48,7 @@ def format_table(metrics: Mapping) -> str:
     return "\n".join(lines)
 
 
-def _write_json_atomic(obj, path: str) -> None:
+def write_json_atomic(obj, path: str) -> None:
     """Writes JSON to a temporary file beside ``path`` then renames it (never half-written)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -115,5 +115,5 @@ def run(
     if output_path:
         serialisable = dict(out)
         serialisable["per_category"] = {str(k): v for k, v in out["per_category"].items()}
-        _write_json_atomic(serialisable, output_path)
+        write_json_atomic(serialisable, output_path)
     return out

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ovd_jax.losses import common
+from ovd_jax.models.layers import l2_normalize
 
 
 def region_logits(region_emb: jnp.ndarray, concept_emb: jnp.ndarray, temperature: float):
@@ -33,9 +34,7 @@ def transfer_classification_loss(logits, targets, valid, *, gamma: float, backgr
     return common.masked_mean(ce, valid, w)
 
 
-def normalize(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
-    """L2 normalisation with a gradient that stays finite at x = 0."""
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-12)
+normalize = l2_normalize
 
 
 def concept_embeddings(text_features: jnp.ndarray, num_templates: int) -> jnp.ndarray:

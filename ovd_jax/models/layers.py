@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -97,6 +98,11 @@ def layer_norm(
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
         name=name,
     )
+
+
+def l2_normalize(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
+    """L2 normalisation along `axis` with a gradient that stays finite at x = 0."""
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-12)
 
 
 class FrozenBatchNorm(nn.Module):

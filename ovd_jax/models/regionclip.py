@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ovd_jax.models import layers
+from ovd_jax.models.layers import l2_normalize
 from ovd_jax.models.rpn import RPNHead
 from ovd_jax.ops.roi_align import roi_align
 
@@ -63,7 +63,7 @@ class RegionCLIPDetector(nn.Module):
         rois = rois.reshape((n * r, p, p, rois.shape[-1]))
         c5 = self.vision.res5(rois)
         emb = self.vision.attnpool(c5).astype(jnp.float32)
-        emb = emb * jax.lax.rsqrt(jnp.sum(emb * emb, axis=-1, keepdims=True) + 1e-12)
+        emb = l2_normalize(emb)
         deltas = self.box_head(jnp.mean(c5, axis=(1, 2))).astype(jnp.float32)
         return emb.reshape(n, r, -1), deltas.reshape(n, r, 4)
 

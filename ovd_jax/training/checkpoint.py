@@ -9,7 +9,6 @@ leaves a half-written checkpoint that a restart would pick up.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import jax
@@ -85,11 +84,3 @@ class Checkpointer:
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, "checkpoints")
-
-
-def dump_json_atomic(path: str, obj) -> None:
-    """Writes JSON to `path` through a temporary file and a rename: never half-written."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-    os.replace(tmp, path)

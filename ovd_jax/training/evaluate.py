@@ -18,8 +18,8 @@ from tqdm import tqdm
 from ovd_jax import visualize
 from ovd_jax.data.pipeline import make_detection_loader
 from ovd_jax.evaluation import coco_eval, gt_boxes_protocol, ovd
+from ovd_jax.evaluation.metrics_only import write_json_atomic
 from ovd_jax.training import sharding as shd
-from ovd_jax.training.checkpoint import dump_json_atomic
 
 HEADLINE = ("AP", "AP50", "base_AP50", "novel_AP50")
 
@@ -139,8 +139,8 @@ def evaluate(exp, variables, mesh, out_dir: str, *, progress: bool = True) -> di
     metrics = compute_metrics(exp, results)
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
-        dump_json_atomic(os.path.join(out_dir, "detections.json"), results)
-        dump_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+        write_json_atomic(results, os.path.join(out_dir, "detections.json"))
+        write_json_atomic(metrics, os.path.join(out_dir, "metrics.json"))
         write_visualizations(exp, results, out_dir, int(exp.config.eval.num_visualizations))
     return metrics
 
@@ -182,7 +182,7 @@ def evaluate_gt_boxes(exp, variables, mesh, out_dir: str, *, progress: bool = Tr
     )
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
-        dump_json_atomic(os.path.join(out_dir, "metrics_gt_boxes.json"), metrics)
+        write_json_atomic(metrics, os.path.join(out_dir, "metrics_gt_boxes.json"))
     return metrics
 
 
