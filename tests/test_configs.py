@@ -32,7 +32,7 @@ def test_config_builds_and_model_initialises(recipe, arg):
     method = methods.get(config.method)
     vocab = 49408 if config.text.tokenizer == "clip" else 128
     model = method.build_model(config, text_vocab_size=vocab, eot_token_id=None)
-    args = method.init_args(config, num_prompts=2 * len(config.text.templates))
+    args = method.init_args(config)
     shapes = jax.eval_shape(model.init, jax.random.key(0), *args)
     n_params = sum(x.size for x in jax.tree.leaves(shapes["params"]))
     assert n_params > 10_000, (recipe, arg, n_params)

@@ -13,8 +13,9 @@ from ovd_jax.training.loop import make_train_loader
 def _one_step(exp, devices, batch):
     mesh = shd.make_mesh((-1, 1, 1), devices=devices)
     state, shardings, tx = ts.create_train_state(exp, mesh, jax.random.key(0))
-    step = ts.make_train_step(exp, tx, mesh, shardings)
-    new_state, metrics = step(state, ts.device_batch(batch, mesh), jax.random.key(1))
+    constants = exp.method.train_constants(exp, state.variables())
+    step = ts.make_train_step(exp, tx, mesh, shardings, constants)
+    new_state, metrics = step(state, ts.device_batch(exp, batch, mesh), jax.random.key(1))
     jax.block_until_ready(new_state)
     return jax.device_get(new_state.params), jax.device_get(metrics), new_state
 
@@ -28,7 +29,7 @@ def test_eight_devices_equal_one(tmp_path_factory):
     p1, m1, _ = _one_step(exp, jax.devices()[:1], batch)
     # The 8-device step really is sharded: the image batch axis is split over 8 devices.
     mesh8 = shd.make_mesh((-1, 1, 1))
-    assert len(ts.device_batch(batch, mesh8)["image"].sharding.device_set) == 8
+    assert len(ts.device_batch(exp, batch, mesh8)["image"].sharding.device_set) == 8
     assert len(jax.tree.leaves(state8.params)[0].sharding.device_set) == 8
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-6)
     for path, a in jax.tree_util.tree_leaves_with_path(p8):

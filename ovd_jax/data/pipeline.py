@@ -126,9 +126,17 @@ def _make_loader(records, *, make, pad, batch_size, train, seed, num_epochs, sha
     return ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
 
 
-def _detection(record, rng, *, hflip, **kw):
+def _detection(record, rng, *, hflip, extra=None, **kw):
     flip = rng is not None and bool(hflip) and rng.random() < 0.5
-    return detection_example(record, flip=flip, **kw)
+    example = detection_example(record, flip=flip, **kw)
+    if extra is not None:
+        added = extra(example, record, rng)
+        clash = set(added) & set(example)
+        if clash:
+            raise ValueError(f"make_detection_loader: extra() returned keys {sorted(clash)} that "
+                             "clash with the detection keys; rename them.")
+        example.update(added)
+    return example
 
 
 def make_detection_loader(
@@ -150,6 +158,7 @@ def make_detection_loader(
     truncate: bool = False,
     num_threads: int = 4,
     prefetch_buffer_size: int | None = None,
+    extra=None,
 ) -> grain.IterDataset:
     """Builds the detection input pipeline (iterate it; the iterator has get_state/set_state).
 
@@ -170,11 +179,15 @@ def make_detection_loader(
         `jax.process_count()`); every shard yields the same number of batches.
       num_threads, prefetch_buffer_size: grain read threads and prefetched examples
         (default 2 batches).
+      extra: optional `(example, record, rng) -> dict` of further fixed-shape arrays per image
+        (rng is None in evaluation); training only, since evaluation padding has no record.
     """
+    if extra is not None and not train:
+        raise ValueError("make_detection_loader: extra= is for training pipelines only.")
     _check_args("make_detection_loader", records, shard_index, shard_count,
                 batch_size=batch_size, image_size=image_size, max_boxes=max_boxes)
     make = functools.partial(
-        _detection, hflip=hflip, image_size=image_size, max_boxes=max_boxes,
+        _detection, hflip=hflip, extra=extra, image_size=image_size, max_boxes=max_boxes,
         cat_id_to_index=cat_id_to_index, mean=mean, std=std, truncate=truncate,
     )
     pad = functools.partial(padding_example, image_size, max_boxes)

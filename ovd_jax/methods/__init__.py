@@ -1,9 +1,25 @@
 """One module per training objective; `config.method` picks one through `get`.
 
-Each method module provides `build_model(config, *, text_vocab_size, eot_token_id)`,
-`init_args(config, num_prompts)`, `train_loss(model, params, model_state, batch,
-concept_tokens, rng, config) -> (loss, metrics)`, `concept_embeddings(model, variables, tokens,
-num_templates)` and `predict(model, variables, images, image_hw, concepts, config)`.
+Every method module provides the same functions, so the training loop, the evaluator and the
+entry points never branch on the method:
+
+    build_model(config, *, text_vocab_size, eot_token_id) -> flax module (random init)
+    init_args(config) -> tuple of dummy inputs for `model.init`
+    device_keys(config) -> names of the batch arrays the train step reads (sharded on 'batch')
+    make_train_loader(exp, *, num_epochs=None) -> grain iterable of numpy batches holding at
+        least `device_keys(config)` (per-process batch; `base.detection_train_loader` is the
+        plain detection loader)
+    train_constants(exp, variables) -> pytree of arrays the step needs besides the batch (e.g.
+        concept tokens, or concept embeddings precomputed once from a frozen text tower);
+        passed to the jitted step replicated, never baked into the compiled program
+    train_loss(model, params, model_state, batch, constants, rng, config) -> (loss, metrics)
+    eval_queries(exp, variables) -> pytree describing the evaluation vocabulary to the model
+        (embeddings, or prompt tokens and positive maps); computed once per vocabulary
+    predict(model, variables, images, image_hw, queries, config) -> dict of boxes [N,D,4],
+        scores [N,D], classes [N,D] (index into the evaluation vocabulary), valid [N,D]
+
+Optional: `classify_boxes(model, variables, images, boxes, queries, config) -> probs [N,M,K]`
+(RegionCLIP's zero-shot protocol with ground-truth boxes).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import numpy as np
 
 from ovd_jax.losses import common as loss_common
 from ovd_jax.losses import regionclip as rc_losses
+from ovd_jax.methods.base import DETECTION_KEYS, compute_dtype, detection_train_loader
 from ovd_jax.models.clip_resnet import clip_resnet
 from ovd_jax.models.clip_text import clip_text
 from ovd_jax.models.regionclip import RES4_STRIDE, RegionCLIPDetector
@@ -21,10 +22,6 @@ from ovd_jax.ops import anchors as anchor_ops
 from ovd_jax.ops import boxes as box_ops
 from ovd_jax.ops import matchers
 from ovd_jax.ops.nms import batched_nms
-
-
-def compute_dtype(config):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
 
 
 def build_model(config, *, text_vocab_size: int, eot_token_id: int | None) -> RegionCLIPDetector:
@@ -69,14 +66,35 @@ def anchors(config) -> np.ndarray:
     )
 
 
-def init_args(config, num_prompts: int):
-    """Dummy inputs for `model.init` (one image, one box, the prompt batch)."""
+def init_args(config):
+    """Dummy inputs for `model.init` (one image, one box, one prompt)."""
     s = int(config.data.image_size)
     return (
         jnp.zeros((1, s, s, 3), jnp.float32),
         jnp.asarray([[[0.0, 0.0, 32.0, 32.0]]]),
-        jnp.zeros((num_prompts, int(config.text.context_length)), jnp.int32),
+        jnp.zeros((1, int(config.text.context_length)), jnp.int32),
     )
+
+
+def device_keys(config) -> tuple[str, ...]:
+    return DETECTION_KEYS
+
+
+def make_train_loader(exp, *, num_epochs=None):
+    return detection_train_loader(exp, num_epochs=num_epochs)
+
+
+def train_constants(exp, variables) -> dict:
+    """The training vocabulary's prompt tokens [K * T, L] (encoded inside the step)."""
+    return {"concept_tokens": jnp.asarray(exp.train_tokens)}
+
+
+def eval_queries(exp, variables):
+    """[K, D] template-ensembled, normalised embeddings of the evaluation vocabulary."""
+    templates = len(exp.config.text.templates)
+    return jax.jit(
+        lambda v, t: concept_embeddings(exp.model, v, t, templates)
+    )(variables, jnp.asarray(exp.eval_tokens))
 
 
 def concept_embeddings(model, variables, concept_tokens, num_templates: int):
@@ -123,12 +141,13 @@ def _roi_targets(key, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, 
     return roi_boxes, roi_valid, roi_fg, cls_targets, box_targets
 
 
-def train_loss(model, params, model_state, batch, concept_tokens, rng, config):
+def train_loss(model, params, model_state, batch, constants, rng, config):
     """Total loss and metrics for one batch.
 
     batch: image [N,S,S,3], boxes [N,M,4], labels [N,M] (index into the training vocabulary),
-    box_mask [N,M], image_hw [N,2]. concept_tokens [K*T, L] for the training vocabulary.
+    box_mask [N,M], image_hw [N,2]. constants: `train_constants` (concept_tokens [K*T, L]).
     """
+    concept_tokens = constants["concept_tokens"]
     m = config.model
     variables = {"params": params, **model_state}
     text_vars = variables if config.text.trainable else jax.lax.stop_gradient(variables)

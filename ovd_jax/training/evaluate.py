@@ -10,7 +10,6 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -41,14 +40,6 @@ def _eval_loader(exp, mesh):
     return loader, -(-len(exp.val_data.records) // eval_bs)
 
 
-def _concepts(exp, variables):
-    """[K, D] template-ensembled embeddings of the evaluation vocabulary."""
-    templates = len(exp.config.text.templates)
-    return jax.jit(
-        lambda v, t: exp.method.concept_embeddings(exp.model, v, t, templates)
-    )(variables, jnp.asarray(exp.eval_tokens))
-
-
 def predict_dataset(exp, variables, mesh, *, progress: bool = True) -> list[dict]:
     """Runs the detector over the validation set; returns COCO-format result dicts."""
     config = exp.config
@@ -56,7 +47,7 @@ def predict_dataset(exp, variables, mesh, *, progress: bool = True) -> list[dict
     loader, total = _eval_loader(exp, mesh)
     method, model = exp.method, exp.model
     with mesh, nn.logical_axis_rules(rules):
-        concepts = _concepts(exp, variables)
+        concepts = exp.method.eval_queries(exp, variables)
         # Inputs arrive already sharded (images over the batch axes), so jit follows them.
         predict = jax.jit(lambda v, im, hw, c: method.predict(model, v, im, hw, c, config))
         cat_ids = np.asarray(exp.eval_vocab.cat_ids)
@@ -157,7 +148,10 @@ def evaluate_gt_boxes(exp, variables, mesh, out_dir: str, *, progress: bool = Tr
     loader, total = _eval_loader(exp, mesh)
     rows_boxes, rows_images, rows_cls, rows_scores = [], [], [], []
     with mesh, nn.logical_axis_rules(rules):
-        concepts = _concepts(exp, variables)
+        concepts = exp.method.eval_queries(exp, variables)
+        if not hasattr(exp.method, "classify_boxes"):
+            raise ValueError(f"--protocol=gt_boxes needs region classification, which "
+                             f"config.method={config.method!r} does not provide.")
         classify = jax.jit(
             lambda v, im, b, c: exp.method.classify_boxes(exp.model, v, im, b, c, config)
         )

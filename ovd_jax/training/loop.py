@@ -17,7 +17,6 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ovd_jax.data.pipeline import make_detection_loader
 from ovd_jax.training import checkpoint as ckpt
 from ovd_jax.training import evaluate as evaluation
 from ovd_jax.training import sharding as shd
@@ -51,14 +50,8 @@ class _StopFlag:
 
 
 def make_train_loader(exp, *, num_epochs=None):
-    config = exp.config
-    per_process = int(config.train.batch_size) // jax.process_count()
-    return make_detection_loader(
-        exp.train_data.records, batch_size=per_process, image_size=config.data.image_size,
-        max_boxes=config.data.max_boxes, cat_id_to_index=exp.train_cat_id_to_index, train=True,
-        seed=config.seed, hflip=config.data.hflip, num_epochs=num_epochs,
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
-    )
+    """The method's training input pipeline (per-process batches)."""
+    return exp.method.make_train_loader(exp, num_epochs=num_epochs)
 
 
 def checkpoint_meta(exp, state) -> dict:
@@ -115,7 +108,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
         )
     root_key = jax.random.key(config.seed)
     state, state_shardings, tx = ts.create_train_state(exp, mesh, jax.random.fold_in(root_key, 0))
-    step_fn = ts.make_train_step(exp, tx, mesh, state_shardings)
+    constants = exp.method.train_constants(exp, state.variables())
+    step_fn = ts.make_train_step(exp, tx, mesh, state_shardings, constants)
     loader = make_train_loader(exp)
     iterator = iter(loader)
 
@@ -146,7 +140,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
                                    disable=not progress or jax.process_index() != 0) as bar:
         for step in range(start, total):
             batch = next(iterator)
-            state, metrics = step_fn(state, ts.device_batch(batch, mesh), step_key)
+            state, metrics = step_fn(state, ts.device_batch(exp, batch, mesh), step_key)
             # Blocking each step keeps host and devices in lock-step (and avoids the CPU
             # backend's all-reduce deadlock on back-to-back sharded steps).
             metrics = jax.device_get(metrics)

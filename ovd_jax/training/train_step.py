@@ -14,9 +14,6 @@ from ovd_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from ovd_jax.training.pretrained import merge_pretrained_towers
 from ovd_jax.training.state import TrainState
 
-# Batch keys the train step reads (the rest — ids, scales — stays on the host).
-DEVICE_KEYS = ("image", "boxes", "labels", "box_mask", "image_hw")
-
 
 def _unbox(tree):
     return nn.meta.unbox(tree)
@@ -29,8 +26,7 @@ def create_train_state(exp, mesh, key):
     """
     config = exp.config
     rules = shd.rules_tuple(config.sharding.rules)
-    tokens = exp.train_tokens if exp.train_tokens is not None else exp.eval_tokens
-    args = exp.method.init_args(config, tokens.shape[0])
+    args = exp.method.init_args(config)
     abstract = jax.eval_shape(exp.model.init, key, *args)
     var_shardings = shd.tree_shardings(abstract, mesh, rules)
     with mesh, nn.logical_axis_rules(rules):
@@ -62,23 +58,26 @@ def create_train_state(exp, mesh, key):
     return state, state_shardings, tx
 
 
-def make_train_step(exp, tx, mesh, state_shardings):
+def make_train_step(exp, tx, mesh, state_shardings, constants):
     """Returns a jitted `step(state, batch, key) -> (state, metrics)`.
 
     The step is a pure function; the state is donated. `key` is the run's root key: the step
     folds in the step number, so a resumed run draws exactly the same randomness.
+    `constants` is the method's `train_constants(exp, variables)`: passed to the compiled step
+    as a replicated argument (not closed over, so large ones are not baked into the program).
     """
     config = exp.config
     rules = shd.rules_tuple(config.sharding.rules)
     schedule = learning_rate_schedule(config)
-    concept_tokens = jnp.asarray(exp.train_tokens)
+    keys = tuple(exp.method.device_keys(config))
+    constants = jax.device_put(constants, shd.replicated(mesh))
 
-    def step(state: TrainState, batch, key):
+    def step(state: TrainState, batch, consts, key):
         rng = jax.random.fold_in(key, state.step)
 
         def loss_fn(params):
             return exp.method.train_loss(
-                exp.model, params, state.model_state, batch, concept_tokens, rng, config
+                exp.model, params, state.model_state, batch, consts, rng, config
             )
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -89,10 +88,11 @@ def make_train_step(exp, tx, mesh, state_shardings):
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    batch_shardings = {k: shd.batch_sharding(mesh) for k in DEVICE_KEYS}
+    batch_shardings = {k: shd.batch_sharding(mesh) for k in keys}
     jitted = jax.jit(
         step,
-        in_shardings=(state_shardings, batch_shardings, shd.replicated(mesh)),
+        in_shardings=(state_shardings, batch_shardings, shd.replicated(mesh),
+                      shd.replicated(mesh)),
         out_shardings=(state_shardings, shd.replicated(mesh)),
         donate_argnums=0,
     )
@@ -100,11 +100,16 @@ def make_train_step(exp, tx, mesh, state_shardings):
     @functools.wraps(step)
     def run(state, batch, key):
         with mesh, nn.logical_axis_rules(rules):
-            return jitted(state, batch, key)
+            return jitted(state, batch, constants, key)
 
     return run
 
 
-def device_batch(batch: dict, mesh) -> dict:
-    """The keys the step needs, as global arrays sharded over the batch axes."""
-    return shd.shard_batch({k: batch[k] for k in DEVICE_KEYS}, mesh)
+def device_batch(exp, batch: dict, mesh) -> dict:
+    """The keys the method's step reads, as global arrays sharded over the batch axes."""
+    keys = exp.method.device_keys(exp.config)
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"the training batch lacks {missing} that config.method="
+                         f"{exp.config.method!r} needs; its loader must produce them.")
+    return shd.shard_batch({k: batch[k] for k in keys}, mesh)
