@@ -19,6 +19,7 @@ import html
 import json
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -65,6 +66,51 @@ class FixedLengthTokenizer:
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """texts -> int32 [N, context_length] token ids."""
         return self.encode(texts)[0]
+
+    def encode_with_offsets(self, text: str, context_length: int | None = None) -> TokenOffsets:
+        """One text -> `TokenOffsets`: the row `encode` gives plus each token's character span.
+
+        offsets [L, 2] int32 are (start, end) character positions in `text` itself (not in a
+        cleaned copy); the start, end and padding positions get (0, 0). `context_length`
+        overrides the row length L. Raises ValueError when this tokenizer's text cleaning
+        (CLIP: ftfy + HTML unescaping) would change the tokens, since offsets into the cleaned
+        copy would not index `text`: clean the text first.
+        """
+        length = self.context_length if context_length is None else int(context_length)
+        if length < 2:
+            raise ValueError(f"context_length must be >= 2 (start + end), got {length}.")
+        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        body, spans = list(enc["input_ids"]), list(enc["offset_mapping"])
+        cleaned = self._clean(text)
+        if cleaned != text and self.hf(cleaned, add_special_tokens=False)["input_ids"] != body:
+            raise ValueError(f"text {text!r} tokenizes differently once cleaned ({cleaned!r}); "
+                             "pass the cleaned text so that character offsets index it.")
+        n = min(len(body), length - 2)
+        ids = np.full((length,), self.pad_token_id, np.int32)
+        ids[0], ids[1:n + 1], ids[n + 1] = self.sot_token_id, body[:n], self.eot_token_id
+        mask = np.zeros((length,), bool)
+        mask[: n + 2] = True
+        offsets = np.zeros((length, 2), np.int32)
+        if n:
+            offsets[1:n + 1] = np.asarray(spans[:n], np.int32)
+        truncated_at = int(spans[n][0]) if n < len(body) else len(text)
+        return TokenOffsets(ids, mask, offsets, n, truncated_at)
+
+
+class TokenOffsets(NamedTuple):
+    """`FixedLengthTokenizer.encode_with_offsets` output for one text (L = context length).
+
+    ids int32 [L], mask bool [L], offsets int32 [L, 2] (character span of each token, (0, 0) for
+    start/end/padding), num_text_tokens (text tokens kept, at positions 1..num_text_tokens) and
+    truncated_at (character index where the context length cut the text; len(text) if it did
+    not).
+    """
+
+    ids: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+    num_text_tokens: int
+    truncated_at: int
 
 
 def _bytes_to_unicode() -> dict[int, str]:
