@@ -53,12 +53,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding.rules = DEFAULT_SHARDING_RULES
 
     c.optim = ml_collections.ConfigDict()
+    # "adamw" or "sgd" (momentum, coupled weight decay); see ovd_jax/training/optimizer.py.
+    c.optim.name = "adamw"
     c.optim.learning_rate = 1e-3
+    # "cosine" (warmup from 0, cosine to 0) or "multistep" (detectron2 WarmupMultiStepLR:
+    # warmup from warmup_factor * lr, then x gamma at each of `milestones`).
+    c.optim.schedule = "cosine"
     c.optim.warmup_steps = 100
+    c.optim.warmup_factor = 0.001
+    c.optim.milestones = ()
+    c.optim.gamma = 0.1
     c.optim.weight_decay = 1e-4
     c.optim.grad_clip_norm = 5.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
+    c.optim.momentum = 0.9
     # Parameter-path prefixes (joined with '/') that receive no updates, e.g. a frozen teacher.
     c.optim.frozen = ()
     # Multipliers of the learning rate for parameter-path prefixes, e.g. (("text_encoder", 0.1),).

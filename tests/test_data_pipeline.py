@@ -15,7 +15,7 @@ from ovd_jax.data.transforms import decode_image
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     p = synthetic.generate(str(tmp_path_factory.mktemp("synth") / "ds"), seed=5,
-                           num_train=16, num_val=11)
+                           num_train=16, num_val=11, num_imagetext=0, num_val_caption_only=0)
     return p, load_coco_detection(p.train_instances, p.train_images), load_coco_detection(
         p.val_instances, p.val_images)
 

@@ -75,8 +75,9 @@ def test_coco_reader_matches_pycocotools(tmp_path, rng, seed):
 
 def test_synthetic_through_coco_reader(synth):
     ds = load_coco_detection(synth.val_instances, synth.val_images)
-    assert len(ds.records) == 12 and len(ds.class_names) == 20
-    assert ds.class_names == synthetic.category_names()
+    # 12 detection images + ceil(0.4 * 12) caption-only ones; 20 + 15 caption-only classes.
+    assert len(ds.records) == 12 + 5 and len(ds.class_names) == 35
+    assert ds.class_names == synthetic.category_names() + synthetic.caption_only_names()
     assert all(r["boxes"].shape[0] >= 1 for r in ds.records)
 
 
@@ -182,15 +183,17 @@ def test_vocabulary(tmp_path, synth):
     v = Vocabulary.from_categories(ds.categories, split_file=synth.split_file)
     split = json.loads(open(synth.split_file).read())
     assert v.novel_names == [n for n in ds.class_names if n in split["novel"]]
-    assert set(v.base_names) == set(split["base"]) and len(v) == 20
+    assert set(v.base_names) == set(split["base"]) and len(v) == 35
+    assert v.caption_only_names == split["caption_only"]
     assert list(v.cat_ids) == ds.cat_ids
     assert [ds.cat_id_to_index[ds.cat_ids[i]] for i in v.novel_indices] == list(v.novel_indices)
     # Without a split file the categories' "split" field gives the same partition.
     assert Vocabulary.from_categories(ds.categories) == v
-    v2 = Vocabulary.from_categories(ds.categories, class_names=[f"c{i}" for i in range(20)])
+    v2 = Vocabulary.from_categories(ds.categories, class_names=[f"c{i}" for i in range(35)])
     assert v2.class_names[3] == "c3" and v2.novel_indices == v.novel_indices
     rare = [{k: c[k] for k in ("id", "name", "frequency")} for c in ds.categories]
-    assert Vocabulary.from_categories(rare, rare_as_novel=True).novel_indices == v.novel_indices
+    assert Vocabulary.from_categories(rare, rare_as_novel=True).novel_indices == tuple(
+        sorted(v.novel_indices + v.caption_only_indices))  # both have LVIS frequency "r"
     assert Vocabulary.from_categories(rare).novel_indices == ()
     with pytest.raises(ValueError, match="config.data.class_names"):
         Vocabulary.from_names([])

@@ -1,4 +1,5 @@
-"""Checkpoint importers: OpenAI CLIP, Hugging Face CLIP, open_clip, RegionCLIP (and BERT/Swin).
+"""Checkpoint importers: OpenAI CLIP, Hugging Face CLIP, open_clip, RegionCLIP, GLIP (and
+BERT/Swin).
 
 Python API: `load_clip(path) -> (CLIP, variables)`, `convert_clip(path, out_dir)`,
 `save_checkpoint(dir, config, variables)` / `load_checkpoint(dir)`. CLI: `python -m
@@ -13,11 +14,13 @@ from ovd_jax.convert.common import (
     read_state_dict,
     save_checkpoint,
 )
+from ovd_jax.convert.glip import load_glip
 from ovd_jax.convert.swin import load_swin
 
 __all__ = [
     "CheckpointMismatchError",
     "convert_clip",
+    "load_glip",
     "load_checkpoint",
     "load_clip",
     "load_clip_checkpoint",

@@ -38,6 +38,14 @@ def _swin(inp: str, out: str, model: str | None) -> str:
     return save_checkpoint(out, {"type": "swin", "arch": arch}, variables)
 
 
+def _glip(inp: str, out: str, model: str | None) -> str:
+    """Official GLIP .pth -> the whole GLIP detector in our format; --model is the
+    configs/glip.py variant the weights are for (glip_t, glip_l; default: by the Swin width)."""
+    from ovd_jax.convert.glip import convert_glip  # noqa: PLC0415
+
+    return convert_glip(inp, out, model)
+
+
 CONVERTERS: dict[str, Callable[[str, str, str | None], str]] = {
     "openai_clip": _clip("openai_clip"),
     "hf_clip": _clip("hf_clip"),
@@ -45,6 +53,7 @@ CONVERTERS: dict[str, Callable[[str, str, str | None], str]] = {
     "regionclip": _clip("regionclip"),
     "hf_bert": _bert,
     "swin": _swin,
+    "glip": _glip,
 }
 
 

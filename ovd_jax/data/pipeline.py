@@ -2,7 +2,8 @@
 
 Batch keys (B = batch_size, S = image_size, M = max_boxes):
 
-    image     float32 [B,S,S,3]  long side resized to S, padded bottom/right, CLIP-normalised
+    image     float32 [B,S,S,3]  long side resized to S (or shortest-edge resize with min_size /
+                                 max_size), padded bottom/right, CLIP-normalised
     boxes     float32 [B,M,4]    x1,y1,x2,y2 in input pixels (= original px * scale, after flip)
     labels    int32   [B,M]      contiguous class index (cat_id_to_index), -1 for padding
     box_mask  bool    [B,M]      True for real boxes (crowd regions are never targets)
@@ -126,9 +127,13 @@ def _make_loader(records, *, make, pad, batch_size, train, seed, num_epochs, sha
     return ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
 
 
-def _detection(record, rng, *, hflip, extra=None, **kw):
+def _detection(record, rng, *, hflip, extra=None, min_size=None, **kw):
     flip = rng is not None and bool(hflip) and rng.random() < 0.5
-    example = detection_example(record, flip=flip, **kw)
+    if isinstance(min_size, tuple):
+        # Multi-scale training (detectron2 MIN_SIZE_TRAIN_SAMPLING "choice"); drawn after the
+        # flip so the flip stream is the same as without it.
+        min_size = min_size[int(rng.integers(len(min_size)))] if rng is not None else min_size[-1]
+    example = detection_example(record, flip=flip, min_size=min_size, **kw)
     if extra is not None:
         added = extra(example, record, rng)
         clash = set(added) & set(example)
@@ -159,6 +164,8 @@ def make_detection_loader(
     num_threads: int = 4,
     prefetch_buffer_size: int | None = None,
     extra=None,
+    min_size: int | Sequence[int] | None = None,
+    max_size: int | None = None,
 ) -> grain.IterDataset:
     """Builds the detection input pipeline (iterate it; the iterator has get_state/set_state).
 
@@ -181,14 +188,23 @@ def make_detection_loader(
         (default 2 batches).
       extra: optional `(example, record, rng) -> dict` of further fixed-shape arrays per image
         (rng is None in evaluation); training only, since evaluation padding has no record.
+      min_size, max_size: detectron2's shortest-edge resize instead of long side = image_size:
+        shorter side = min_size (a sequence: one drawn per training image), longer side at
+        most max_size (<= image_size, the canvas). See `resize_options`.
     """
     if extra is not None and not train:
         raise ValueError("make_detection_loader: extra= is for training pipelines only.")
     _check_args("make_detection_loader", records, shard_index, shard_count,
                 batch_size=batch_size, image_size=image_size, max_boxes=max_boxes)
+    if min_size is not None and not isinstance(min_size, int | np.integer):
+        min_size = tuple(int(v) for v in min_size)
+        if not min_size or (not train and len(min_size) > 1):
+            raise ValueError(f"make_detection_loader: min_size={min_size} must be one size for "
+                             "evaluation (a non-empty sequence is for training).")
     make = functools.partial(
         _detection, hflip=hflip, extra=extra, image_size=image_size, max_boxes=max_boxes,
         cat_id_to_index=cat_id_to_index, mean=mean, std=std, truncate=truncate,
+        min_size=min_size, max_size=max_size,
     )
     pad = functools.partial(padding_example, image_size, max_boxes)
     return _make_loader(
@@ -197,6 +213,19 @@ def make_detection_loader(
         drop_remainder=drop_remainder, num_threads=num_threads,
         prefetch_buffer_size=prefetch_buffer_size,
     )
+
+
+def resize_options(data_config, *, train: bool) -> dict:
+    """`make_detection_loader` resize kwargs from a config's `data` block.
+
+    Empty (long side = `data.image_size`) unless `data.min_size` is set; then shortest-edge
+    resizing with `data.max_size`, and in training a choice among `data.train_min_sizes`
+    (falling back to `data.min_size`). `data.image_size` stays the static square canvas.
+    """
+    if not data_config.get("min_size"):
+        return {}
+    sizes = tuple(data_config.get("train_min_sizes") or ()) if train else ()
+    return {"min_size": sizes or int(data_config.min_size), "max_size": int(data_config.max_size)}
 
 
 _IMAGE_KEYS = ("image", "image_id", "scale", "image_hw", "orig_hw", "flipped", "valid")

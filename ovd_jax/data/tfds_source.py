@@ -170,3 +170,108 @@ def _coco_gt(records: Sequence[dict], categories: list[dict]) -> dict:
                          "category_id": int(cid), "bbox": [float(box[0]), float(box[1]), w, h],
                          "area": w * h, "iscrowd": int(crowd)})
     return {"images": images, "annotations": anns, "categories": categories}
+
+
+# ---------------------------------------------------------------------------------------------
+# Image-text pairs (web-scale caption sets such as CC3M prepared as TFDS array_record).
+
+
+def _texts(value, name: str) -> list[str]:
+    """A TFDS caption feature (str / bytes, a list of them, or coco_captions' {"text": [...]})
+    -> non-empty caption strings."""
+    if isinstance(value, dict):
+        if "text" not in value:
+            raise ValueError(f"TFDS example {name}: the caption feature is a dict without 'text' "
+                             f"(keys {sorted(value)}); pass caption_key naming the text.")
+        value = value["text"]
+    if isinstance(value, bytes | str | np.bytes_ | np.str_):
+        value = [value]
+    out = []
+    for v in np.asarray(value, dtype=object).reshape(-1):
+        text = v.decode("utf-8") if isinstance(v, bytes | np.bytes_) else str(v)
+        if text.strip():
+            out.append(text.strip())
+    if not out:
+        raise ValueError(f"TFDS example {name} has no non-empty caption; filter the dataset or "
+                         "pass caption_key naming the caption feature.")
+    return out
+
+
+class TfdsCaptionRecords(Sequence):
+    """Lazy caption records (`load_coco_captions` layout with the encoded bytes under `image`)
+    over a TFDS data source; the image id is `id_key`'s value, or the example index."""
+
+    def __init__(self, source, *, name: str, image_key: str, caption_key: str,
+                 id_key: str | None):
+        self._source, self._name = source, name
+        self._image_key, self._caption_key, self._id_key = image_key, caption_key, id_key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index = index % len(self)
+        name = f"{self._name}[{index}]"
+        ex = self._source[index]
+        data = ex[self._image_key]
+        if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3:
+            h, w = data.shape[:2]
+        elif isinstance(data, bytes | bytearray):
+            h, w = _image_size(data, name)
+            data = bytes(data)
+        else:
+            raise ValueError(f"TFDS example {name}: {self._image_key!r} is "
+                             f"{type(data).__name__}; expected encoded image bytes.")
+        return {
+            "image_id": int(ex[self._id_key]) if self._id_key else int(index),
+            "image": data, "height": int(h), "width": int(w),
+            "captions": _texts(ex[self._caption_key], name),
+        }
+
+    def __repr__(self) -> str:
+        return f"TfdsCaptionRecords({self._name}, {len(self)} examples)"
+
+
+def load_tfds_captions(
+    name: str,
+    *,
+    split: str,
+    data_dir: str | None = None,
+    image_key: str = "image",
+    caption_key: str = "caption",
+    id_key: str | None = None,
+) -> TfdsCaptionRecords:
+    """Opens a prepared TFDS image-text dataset (array_record) as lazy caption records.
+
+    Args:
+      name: TFDS name of a dataset with an image feature and a caption feature (a string, a
+        list of strings, or TFDS coco_captions' `captions` with a `text` field).
+      split: e.g. "train" or "train[:1%]".
+      data_dir: TFDS data dir (default TFDS's). Nothing is downloaded.
+      image_key, caption_key: the feature names; id_key: an integer id feature (default: the
+        example index).
+    Returns:
+      records usable by `ovd_jax.data.pipeline.make_caption_loader` (image bytes decoded in the
+      grain workers).
+    """
+    import tensorflow_datasets as tfds  # optional dependency: imported only when used
+
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                  decoders={image_key: tfds.decode.SkipDecoding()})
+    except Exception as e:  # TFDS raises a variety of errors for absent/unprepared datasets
+        raise ValueError(
+            f"cannot open TFDS dataset {name!r} split {split!r} in data_dir={data_dir!r} ({e}). "
+            "Prepare it first in array_record format and point data_dir at it."
+        ) from e
+    features = source.dataset_info.features
+    for key in (image_key, caption_key, *([id_key] if id_key else [])):
+        if key not in features:
+            raise ValueError(f"TFDS dataset {name!r} has no feature {key!r} (features: "
+                             f"{sorted(features.keys())}); pass image_key / caption_key / id_key.")
+    return TfdsCaptionRecords(source, name=f"{name}:{split}", image_key=image_key,
+                              caption_key=caption_key, id_key=id_key)

@@ -1,4 +1,11 @@
-"""Per-image transforms: decode, flip, resize (long side = S), normalise, pad, fixed-size targets.
+"""Per-image transforms: decode, flip, resize, normalise, pad, fixed-size targets.
+
+Two resize rules, both ending on a static S x S canvas (padding bottom/right):
+* long side = S (`resize_longest_side`, the default);
+* detectron2's `ResizeShortestEdge` (`resize_shortest_edge`): shorter side = `min_size`,
+  unless that makes the longer side exceed `max_size`, in which case longer side = `max_size`
+  (RegionCLIP: 800 / 1333 at test, a random choice of 640..800 / 1333 in training). The canvas
+  S must be >= max_size; the recipes use max_size rounded up to a multiple of 32.
 
 All functions are pure numpy/PIL and deterministic given their arguments (randomness, e.g. the
 flip decision, is decided by the caller). Conventions:
@@ -75,6 +82,32 @@ def resize_longest_side(image: np.ndarray, size: int) -> tuple[np.ndarray, float
     return np.asarray(out, dtype=np.uint8), float(scale)
 
 
+def shortest_edge_scale(h: int, w: int, min_size: float, max_size: float) -> float:
+    """detectron2 `ResizeShortestEdge.get_output_shape` as one scale factor: s = min_size /
+    min(h, w), lowered to max_size / max(h, w) when the longer side would exceed max_size."""
+    scale = float(min_size) / min(h, w)
+    if max(h, w) * scale > max_size:
+        scale = float(max_size) / max(h, w)
+    return scale
+
+
+def resize_shortest_edge(
+    image: np.ndarray, min_size: int, max_size: int
+) -> tuple[np.ndarray, float]:
+    """Resizes uint8 [H,W,3] with detectron2's shortest-edge rule (bilinear, PIL).
+
+    Returns (resized uint8 [h', w', 3], scale) with scale = `shortest_edge_scale(...)`,
+    h' = int(H * scale + 0.5), w' = int(W * scale + 0.5) (detectron2's rounding).
+    """
+    h, w = image.shape[:2]
+    scale = shortest_edge_scale(h, w, min_size, max_size)
+    nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+    if (nh, nw) == (h, w):
+        return image, scale
+    out = Image.fromarray(image).resize((nw, nh), Image.BILINEAR)
+    return np.asarray(out, dtype=np.uint8), scale
+
+
 def normalize_and_pad(image: np.ndarray, size: int, mean, std) -> np.ndarray:
     """(image - mean) / std (0-255 units), zero-padded bottom/right to float32 [size, size, 3]."""
     h, w = image.shape[:2]
@@ -145,11 +178,15 @@ def image_example(
     mean=CLIP_MEAN,
     std=CLIP_STD,
     boxes: np.ndarray | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
 ) -> tuple[dict, np.ndarray | None]:
     """Decodes, optionally flips, resizes and normalises one record's image.
 
     The record supplies its pixels as `image` (array/bytes/PIL) or else `path`. The decoded
     size must equal the record's height/width, since annotations are in those pixels.
+    Resize: long side = `image_size`, or with `min_size` and `max_size` the shortest-edge rule;
+    either way the result is padded to the `image_size` square canvas.
 
     Returns (example dict with image/image_id/scale/image_hw/orig_hw/flipped/valid, `boxes`
     [n,4] original px -> flipped and scaled input px, or None when no boxes are given).
@@ -167,7 +204,15 @@ def image_example(
         empty = np.zeros((0, 4), np.float32)
         image, boxes_f = hflip(image, empty if boxes is None else boxes)
         boxes = None if boxes is None else boxes_f
-    image, scale = resize_longest_side(image, image_size)
+    if min_size is not None:
+        if max_size is None or max_size > image_size:
+            raise ValueError(
+                f"shortest-edge resize needs max_size <= the canvas image_size={image_size}; got "
+                f"max_size={max_size} (set config.data.max_size and config.data.image_size)."
+            )
+        image, scale = resize_shortest_edge(image, min_size, max_size)
+    else:
+        image, scale = resize_longest_side(image, image_size)
     example = {
         "image": normalize_and_pad(image, image_size, mean, std),
         "image_id": np.int32(record["image_id"]),
@@ -190,11 +235,14 @@ def detection_example(
     mean=CLIP_MEAN,
     std=CLIP_STD,
     truncate: bool = False,
+    min_size: int | None = None,
+    max_size: int | None = None,
 ) -> dict:
     """One record -> one fixed-shape example (see `ovd_jax.data.pipeline` for the keys)."""
     boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
     example, boxes = image_example(
-        record, image_size=image_size, flip=flip, mean=mean, std=std, boxes=boxes
+        record, image_size=image_size, flip=flip, mean=mean, std=std, boxes=boxes,
+        min_size=min_size, max_size=max_size,
     )
     out_boxes, labels, mask = pad_targets(
         boxes, record["category_ids"], record["iscrowd"], cat_id_to_index, max_boxes,

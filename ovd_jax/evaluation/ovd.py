@@ -26,29 +26,37 @@ def ovd_split_metrics(
     base_ids: Sequence[int],
     novel_ids: Sequence[int],
     key: str = "AP50",
+    caption_only_ids: Sequence[int] = (),
 ) -> dict:
     """{"base_<key>", "novel_<key>", "all_<key>"}: means over each split's valid categories.
 
     Args:
       per_category: {category_id: {"AP": ..., "AP50": ...}} as returned by the evaluators.
-      base_ids, novel_ids: category ids of the two splits; "all" is their union.
+      base_ids, novel_ids: category ids of the two splits; "all" is their union (with the
+        caption-only ids).
       key: which per-category number to average.
+      caption_only_ids: optional third split (classes only image-text captions teach); when
+        given, "caption_only_<key>" is added.
     Returns:
       floats; -1 for a split with no category that has ground truth (value >= 0).
     """
-    unknown = [c for c in list(base_ids) + list(novel_ids) if c not in per_category]
-    if len(unknown) == len(base_ids) + len(novel_ids) and unknown:
+    listed = list(base_ids) + list(novel_ids) + list(caption_only_ids)
+    unknown = [c for c in listed if c not in per_category]
+    if len(unknown) == len(listed) and unknown:
         raise ValueError(
             f"none of the split's category ids ({unknown[:5]}...) is in the evaluated "
             f"categories ({list(per_category)[:5]}...). Fix: use the split of the ground truth "
             f"that was evaluated."
         )
-    all_ids = list(dict.fromkeys(list(base_ids) + list(novel_ids)))
-    return {
+    all_ids = list(dict.fromkeys(listed))
+    out = {
         f"base_{key}": _mean_valid(per_category, base_ids, key),
         f"novel_{key}": _mean_valid(per_category, novel_ids, key),
-        f"all_{key}": _mean_valid(per_category, all_ids, key),
     }
+    if len(caption_only_ids):
+        out[f"caption_only_{key}"] = _mean_valid(per_category, caption_only_ids, key)
+    out[f"all_{key}"] = _mean_valid(per_category, all_ids, key)
+    return out
 
 
 def _resolve(entries: Sequence, by_name: Mapping, ids: set, which: str, path) -> list[int]:
@@ -91,11 +99,12 @@ def load_ovd_split(gt_dict_or_path, split_file=None) -> tuple[list[int], list[in
         novel = _resolve(split["novel"], by_name, ids, "novel", split_file)
         return sorted(set(base)), sorted(set(novel))
     if cats and all("split" in c for c in cats):
-        bad = [c["split"] for c in cats if c["split"] not in ("base", "novel")]
+        # "caption_only" classes are in neither split (see `load_caption_only_ids`).
+        bad = [c["split"] for c in cats if c["split"] not in ("base", "novel", "caption_only")]
         if bad:
             raise ValueError(
-                f"category 'split' flags must be 'base' or 'novel', got {bad[0]!r}. Fix the "
-                f"ground truth's categories."
+                f"category 'split' flags must be 'base', 'novel' or 'caption_only', got "
+                f"{bad[0]!r}. Fix the ground truth's categories."
             )
         return (
             sorted(c["id"] for c in cats if c["split"] == "base"),
@@ -111,3 +120,19 @@ def load_ovd_split(gt_dict_or_path, split_file=None) -> tuple[list[int], list[in
         "('base'/'novel') nor an LVIS 'frequency' field. Fix: pass a split file "
         '{"base": [names or ids], "novel": [...]} (e.g. --split_file).'
     )
+
+
+def load_caption_only_ids(gt_dict_or_path, split_file=None) -> list[int]:
+    """Category ids of the caption-only split: the split file's optional "caption_only" list
+    (names or ids; entries the ground truth lacks are skipped), else the categories flagged
+    `"split": "caption_only"`; [] when there is none."""
+    gt = check_gt(load_json(gt_dict_or_path, "ground truth"))
+    cats = gt["categories"]
+    if split_file is not None:
+        split = load_json(split_file, "OVD split")
+        entries = split.get("caption_only", []) if isinstance(split, Mapping) else []
+        by_name = {c["name"]: c["id"] for c in cats if "name" in c}
+        ids = {c["id"] for c in cats}
+        return sorted({by_name[e] if isinstance(e, str) and e in by_name else e
+                       for e in entries if (e in by_name or e in ids)})
+    return sorted(c["id"] for c in cats if c.get("split") == "caption_only")

@@ -19,16 +19,32 @@ entry points never branch on the method:
         scores [N,D], classes [N,D] (index into the evaluation vocabulary), valid [N,D]
 
 Optional: `classify_boxes(model, variables, images, boxes, queries, config) -> probs [N,M,K]`
-(RegionCLIP's zero-shot protocol with ground-truth boxes).
+(RegionCLIP's zero-shot protocol with ground-truth boxes); `extra_metrics(exp, variables, mesh)
+-> dict` merged into the evaluation's metrics.json (GLIP's `grounding_recall@1`);
+`frozen_params(config) -> tuple of parameter-path patterns` the optimizer freezes (RegionCLIP's
+FREEZE_AT stages and frozen batch norms; see ovd_jax/training/optimizer.py).
+
+Optional, for methods trained on several data types whose batches differ in size, resolution
+or keys (DetCLIPv2: detection, grounding, image-text), each getting its own compiled step:
+`data_types(config) -> tuple[str, ...]`, `batch_size(config, data_type) -> int` (global batch);
+`device_keys` and `train_loss` then take a `data_type=` keyword, and every batch of
+`make_train_loader` carries its type under `"data_type"` (a host-side string; see
+`ovd_jax.data.unified.MixedLoader`). The loop runs one jitted step per type.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from ovd_jax.methods import regionclip
+from ovd_jax.methods import clip, detclipv2, glip, regionclip, regionclip_pretrain
 
-METHODS: dict[str, ModuleType] = {"regionclip": regionclip}
+METHODS: dict[str, ModuleType] = {
+    "regionclip": regionclip,
+    "glip": glip,
+    "clip": clip,  # the CLIP teacher (image-caption contrastive)
+    "regionclip_pretrain": regionclip_pretrain,  # RegionCLIP region-text pretraining
+    "detclipv2": detclipv2,
+}
 
 
 def get(name: str) -> ModuleType:

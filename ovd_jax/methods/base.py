@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ovd_jax.data.pipeline import make_detection_loader
+from ovd_jax.data.pipeline import make_detection_loader, resize_options
 
 # What a plain detection batch carries to the device (ids, scales and flips stay on the host).
 DETECTION_KEYS = ("image", "boxes", "labels", "box_mask", "image_hw")
@@ -19,17 +19,20 @@ def compute_dtype(config):
         raise ValueError(f"config.dtype={config.dtype!r}: use 'float32' or 'bfloat16'.") from None
 
 
-def detection_train_loader(exp, *, num_epochs=None, extra=None):
+def detection_train_loader(exp, *, num_epochs=None, extra=None, records=None):
     """The training split as shuffled, flipped detection batches (see `make_detection_loader`).
 
     `extra(example, record, rng) -> dict` adds method-specific per-image arrays (e.g. a GLIP
-    prompt and its positive map) to each example. Each process reads its own slice.
+    prompt and its positive map) to each example. `records` replaces the training records
+    (e.g. filtered, or repeated by a sampler). Each process reads its own slice.
     """
     config = exp.config
     per_process = int(config.train.batch_size) // jax.process_count()
     return make_detection_loader(
-        exp.train_data.records, batch_size=per_process, image_size=config.data.image_size,
+        exp.train_data.records if records is None else records, batch_size=per_process,
+        image_size=config.data.image_size,
         max_boxes=config.data.max_boxes, cat_id_to_index=exp.train_cat_id_to_index, train=True,
         seed=config.seed, hflip=config.data.hflip, num_epochs=num_epochs,
         shard_index=jax.process_index(), shard_count=jax.process_count(), extra=extra,
+        **resize_options(config.data, train=True),
     )

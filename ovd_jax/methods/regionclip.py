@@ -3,16 +3,21 @@
 Everything here is a pure function of arrays and static config values so that it can be jitted
 with shardings by ovd_jax/training. Shapes (N images, A anchors, P proposals, R sampled RoIs,
 M padded ground-truth boxes, K concepts, T templates, L tokens) are fixed by the config.
+docs/regionclip.md lists the constants and where they come from.
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ovd_jax.data import lvis
 from ovd_jax.losses import common as loss_common
 from ovd_jax.losses import regionclip as rc_losses
+from ovd_jax.methods import regionclip_offline
 from ovd_jax.methods.base import DETECTION_KEYS, compute_dtype, detection_train_loader
 from ovd_jax.models.clip_resnet import clip_resnet
 from ovd_jax.models.clip_text import clip_text
@@ -23,30 +28,71 @@ from ovd_jax.ops import boxes as box_ops
 from ovd_jax.ops import matchers
 from ovd_jax.ops.nms import batched_nms
 
+log = logging.getLogger(__name__)
+
+# Prompts encoded per call when concept embeddings are precomputed (LVIS: 1203 x 81 prompts).
+_PROMPTS_PER_CALL = 4096
+
+
+def vision_tower(config):
+    """The CLIP ModifiedResNet of `config.model`, its attention-pool grid equal to the pooled
+    RoI grid after res5 (pooler_resolution / 2): RN50 14 -> 7x7, RN50x4 18 -> 9x9.
+
+    Trained from scratch, the grid is set from the pooler; with `init_checkpoint` (or an
+    explicit `vision_overrides.input_resolution`) a mismatch is an error rather than a silent
+    interpolation of the pretrained position embedding.
+    """
+    m = config.model
+    kw = dict(m.vision_overrides.to_dict()) if m.vision_overrides else {}
+    p = int(m.pooler_resolution)
+    if p % 2:
+        raise ValueError(f"config.model.pooler_resolution={p} must be even (res5 halves it).")
+    if "input_resolution" not in kw and not m.init_checkpoint:
+        kw["input_resolution"] = p // 2 * 32
+    tower = clip_resnet(m.vision, dtype=compute_dtype(config), remat=m.remat, **kw)
+    grid = tower.input_resolution // 32
+    if grid != p // 2:
+        raise ValueError(
+            f"config.model.pooler_resolution={p} pools {p // 2}x{p // 2} res5 grids, but the "
+            f"{m.vision!r} attention pool has a {grid}x{grid} position grid (input resolution "
+            f"{tower.input_resolution}); set pooler_resolution={grid * 2} (RegionCLIP: RN50 14, "
+            "RN50x4 18) instead of interpolating pretrained position embeddings."
+        )
+    return tower
+
 
 def build_model(config, *, text_vocab_size: int, eot_token_id: int | None) -> RegionCLIPDetector:
-    """The detector described by `config.model` / `config.text` (random init)."""
+    """The detector described by `config.model` / `config.text` (random init). With an offline
+    RPN (`config.model.offline_rpn`) the detector has no RPN head of its own."""
     m = config.model
     dtype = compute_dtype(config)
-    vision_kw = dict(m.vision_overrides.to_dict()) if m.vision_overrides else {}
-    # Trained from scratch, the attention pool's position grid matches the pooled RoI grid
-    # (res5 halves it); a pretrained tower keeps its own grid and interpolates.
-    if not m.init_checkpoint:
-        vision_kw.setdefault("input_resolution", m.pooler_resolution * 16)
-    vision = clip_resnet(m.vision, dtype=dtype, remat=m.remat, **vision_kw)
     text_kw = dict(m.text_overrides.to_dict()) if m.text_overrides else {}
     text_kw.setdefault("vocab_size", text_vocab_size)
     text_kw.setdefault("context_length", config.text.context_length)
     text = clip_text(m.text, dtype=dtype, remat=m.remat, eot_token_id=eot_token_id, **text_kw)
     return RegionCLIPDetector(
-        vision=vision,
+        vision=vision_tower(config),
         text=text,
-        num_anchors=len(m.anchor_sizes) * len(m.anchor_aspect_ratios),
+        num_anchors=0 if m.offline_rpn else len(m.anchor_sizes) * len(m.anchor_aspect_ratios),
         rpn_channels=m.rpn_channels,
         pooler_resolution=m.pooler_resolution,
         pooler_sampling_ratio=m.pooler_sampling_ratio,
+        freeze_at=int(m.freeze_at),
         dtype=dtype,
     )
+
+
+def frozen_params(config) -> tuple[str, ...]:
+    """Parameter-path patterns the optimizer freezes: detectron2 FREEZE_AT (1: the stem, 2: the
+    stem and res2, ...) and, with `model.frozen_bn`, every batch-norm affine (FrozenBN)."""
+    m = config.model
+    pats = []
+    if m.freeze_at >= 1:
+        pats += [f"vision/{n}{i}" for n in ("conv", "bn") for i in (1, 2, 3)]
+    pats += [f"vision/layer{stage - 1}_*" for stage in range(2, int(m.freeze_at) + 1)]
+    if m.frozen_bn:
+        pats += ["vision/bn[0-9]", "vision/*/bn[0-9]", "vision/*/downsample_bn"]
+    return tuple(pats)
 
 
 def feature_hw(config) -> tuple[int, int]:
@@ -80,21 +126,35 @@ def device_keys(config) -> tuple[str, ...]:
     return DETECTION_KEYS
 
 
+def training_records(exp):
+    """The training records as upstream samples them: images without a non-crowd box dropped
+    (detectron2 FILTER_EMPTY_ANNOTATIONS), then repeat-factor sampling when
+    `data.repeat_factor_threshold` > 0 (one seeded stochastic rounding per run)."""
+    config = exp.config
+    records = exp.train_data.records
+    kept = [r for r in records if (~np.asarray(r["iscrowd"], bool)).any()]
+    if len(kept) < len(records):
+        log.warning("dropped %d of %d training images without annotations",
+                    len(records) - len(kept), len(records))
+    if not kept:
+        raise ValueError("no training image has a (non-crowd) annotation of the training "
+                         "vocabulary; check config.data.train_instances and the split.")
+    most = max(int((~np.asarray(r["iscrowd"], bool)).sum()) for r in kept)
+    if most > int(config.data.max_boxes):
+        raise ValueError(f"a training image has {most} boxes but config.data.max_boxes is "
+                         f"{config.data.max_boxes}; set config.data.max_boxes >= {most}.")
+    t = float(config.data.get("repeat_factor_threshold", 0.0))
+    if t > 0:
+        factors = lvis.repeat_factors(kept, t)
+        idx = lvis.repeat_factor_indices(factors, int(config.seed))
+        log.warning("repeat-factor sampling (t=%g): %d images -> %d per epoch", t, len(kept),
+                    len(idx))
+        kept = lvis.RepeatedRecords(kept, idx)
+    return kept
+
+
 def make_train_loader(exp, *, num_epochs=None):
-    return detection_train_loader(exp, num_epochs=num_epochs)
-
-
-def train_constants(exp, variables) -> dict:
-    """The training vocabulary's prompt tokens [K * T, L] (encoded inside the step)."""
-    return {"concept_tokens": jnp.asarray(exp.train_tokens)}
-
-
-def eval_queries(exp, variables):
-    """[K, D] template-ensembled, normalised embeddings of the evaluation vocabulary."""
-    templates = len(exp.config.text.templates)
-    return jax.jit(
-        lambda v, t: concept_embeddings(exp.model, v, t, templates)
-    )(variables, jnp.asarray(exp.eval_tokens))
+    return detection_train_loader(exp, num_epochs=num_epochs, records=training_records(exp))
 
 
 def concept_embeddings(model, variables, concept_tokens, num_templates: int):
@@ -103,8 +163,56 @@ def concept_embeddings(model, variables, concept_tokens, num_templates: int):
     return rc_losses.concept_embeddings(feats, num_templates)
 
 
+def encode_concepts(model, variables, tokens, num_templates: int) -> jnp.ndarray:
+    """`concept_embeddings` of a whole vocabulary, a fixed-size chunk of concepts per jitted
+    call (the last chunk zero-padded), so 1203 x 81 prompts do not go through at once."""
+    tokens = np.asarray(tokens)
+    k = tokens.shape[0] // num_templates
+    per = max(1, min(k, _PROMPTS_PER_CALL // num_templates))
+    fn = jax.jit(lambda v, t: concept_embeddings(model, v, t, num_templates))
+    out = []
+    for start in range(0, k, per):
+        part = tokens[start * num_templates:(start + per) * num_templates]
+        n = part.shape[0] // num_templates
+        if n < per:
+            part = np.concatenate([part, np.zeros(((per - n) * num_templates,) + part.shape[1:],
+                                                  part.dtype)])
+        out.append(fn(variables, jnp.asarray(part))[:n])
+    return jnp.concatenate(out, axis=0)
+
+
+def train_constants(exp, variables) -> dict:
+    """What the step needs besides the batch: with a frozen text tower (`text.trainable` False)
+    the training vocabulary's concept embeddings [K, D], computed once here; otherwise its
+    prompt tokens [K * T, L] (encoded inside the step). Plus the offline RPN's variables."""
+    config = exp.config
+    if config.text.trainable:
+        out = {"concept_tokens": jnp.asarray(exp.train_tokens)}
+    else:
+        out = {"concepts": encode_concepts(exp.model, variables, exp.train_tokens,
+                                           len(config.text.templates))}
+    if config.model.offline_rpn:
+        out["offline_rpn"] = regionclip_offline.load(config)[1]
+    return out
+
+
+def eval_queries(exp, variables) -> dict:
+    """{"concepts": [K, D] embeddings of the evaluation vocabulary (computed once), and with an
+    offline RPN "offline_rpn": its variables}."""
+    config = exp.config
+    out = {"concepts": encode_concepts(exp.model, variables, exp.eval_tokens,
+                                       len(config.text.templates))}
+    if config.model.offline_rpn:
+        out["offline_rpn"] = regionclip_offline.load(config)[1]
+    return out
+
+
 def _rpn_targets(key, anchors_, gt_boxes, gt_valid, m):
-    """One image: sampled anchor labels and regression targets."""
+    """One image: detectron2's RPN `label_and_sample_anchors`.
+
+    anchors_ [A,4], gt_boxes [M,4], gt_valid [M] -> (fg [A] bool, bg [A] bool: the sampled
+    anchors, deltas [A,4]: regression targets (weights 1) to each anchor's matched gt).
+    """
     iou = box_ops.box_iou(gt_boxes, anchors_)
     matched, labels = matchers.iou_matcher(
         iou, gt_valid, thresholds=tuple(m.rpn_iou_thresholds), labels=(0, -1, 1),
@@ -117,7 +225,11 @@ def _rpn_targets(key, anchors_, gt_boxes, gt_valid, m):
 
 
 def _roi_targets(key, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, m):
-    """One image: R sampled RoIs (proposals + GT boxes), their class targets and box targets."""
+    """One image: detectron2's `label_and_sample_proposals` (gt boxes appended as proposals).
+
+    Returns R = roi_batch_size_per_image entries, sampled ones first: (boxes [R,4], valid [R],
+    fg [R], class targets [R] (0 background, label + 1), box targets [R,4] (box_reg_weights)).
+    """
     boxes = jnp.concatenate([proposals, gt_boxes], axis=0)
     valid = jnp.concatenate([proposal_valid, gt_valid], axis=0)
     iou = box_ops.box_iou(gt_boxes, boxes)
@@ -141,42 +253,91 @@ def _roi_targets(key, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, 
     return roi_boxes, roi_valid, roi_fg, cls_targets, box_targets
 
 
+def rpn_losses(objectness, deltas, fg, bg, targets, batch_size_per_image: int):
+    """detectron2's RPN losses: BCE over the sampled anchors and L1 (smooth L1, beta 0) over
+    the foreground ones, both summed and divided by N * batch_size_per_image.
+
+    objectness [N,A], deltas / targets [N,A,4], fg / bg [N,A] -> (cls, box) float32 scalars.
+    """
+    normaliser = float(objectness.shape[0] * batch_size_per_image)
+    # jnp.where, not a multiply: targets of unmatched entries may be inf/NaN (padded boxes).
+    cls = jnp.sum(jnp.where(
+        fg | bg, loss_common.sigmoid_bce(objectness, fg.astype(jnp.float32)), 0.0)) / normaliser
+    targets = jnp.where(fg[..., None], targets, 0.0)
+    box = jnp.sum(jnp.where(fg, loss_common.l1(deltas, targets), 0.0)) / normaliser
+    return cls, box
+
+
+def box_regression_loss(deltas, targets, fg, valid):
+    """detectron2's Fast R-CNN box loss: L1 over the foreground RoIs divided by the number of
+    sampled RoIs (foreground and background). deltas / targets [..., R, 4], fg / valid [..., R]."""
+    targets = jnp.where(fg[..., None], targets, 0.0)
+    total = jnp.sum(jnp.where(fg, loss_common.l1(deltas, targets), 0.0))
+    return total / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def _cls_gamma(m):
+    if m.cls_loss == "focal_scaled":
+        return float(m.focal_gamma)
+    if m.cls_loss == "weighted_ce":
+        return None
+    raise ValueError(f"config.model.cls_loss={m.cls_loss!r}: use 'focal_scaled' or 'weighted_ce'.")
+
+
+def _proposals(model, variables, res4, images, image_hw, offline, config, *, train: bool):
+    """(proposals [N,P,4], logits [N,P], valid [N,P], objectness [N,A] / None, deltas / None)."""
+    m = config.model
+    if m.offline_rpn:
+        return (*regionclip_offline.proposals(config, offline, images, image_hw), None, None)
+    objectness, rpn_deltas = model.apply(variables, res4, method=RegionCLIPDetector.rpn)
+    anchors_ = jnp.asarray(anchors(config))
+    pre = m.rpn_pre_nms_topk_train if train else m.rpn_pre_nms_topk_test
+    post = m.rpn_post_nms_topk_train if train else m.rpn_post_nms_topk_test
+    props = jax.vmap(
+        lambda o, d, hw: select_proposals(
+            anchors_, o, d, hw, pre_nms_topk=pre, post_nms_topk=post,
+            nms_threshold=m.rpn_nms_threshold, min_size=m.rpn_min_box_size,
+        )
+    )(objectness, rpn_deltas, image_hw)
+    return (*props, objectness, rpn_deltas)
+
+
 def train_loss(model, params, model_state, batch, constants, rng, config):
     """Total loss and metrics for one batch.
 
     batch: image [N,S,S,3], boxes [N,M,4], labels [N,M] (index into the training vocabulary),
-    box_mask [N,M], image_hw [N,2]. constants: `train_constants` (concept_tokens [K*T, L]).
+    box_mask [N,M], image_hw [N,2]. constants: `train_constants` (concepts [K, D] or
+    concept_tokens [K*T, L]; offline_rpn variables).
     """
-    concept_tokens = constants["concept_tokens"]
     m = config.model
     variables = {"params": params, **model_state}
-    text_vars = variables if config.text.trainable else jax.lax.stop_gradient(variables)
-    concepts = concept_embeddings(model, text_vars, concept_tokens, len(config.text.templates))
+    if "concepts" in constants:
+        concepts = jax.lax.stop_gradient(constants["concepts"])
+    else:
+        text_vars = variables if config.text.trainable else jax.lax.stop_gradient(variables)
+        concepts = concept_embeddings(model, text_vars, constants["concept_tokens"],
+                                      len(config.text.templates))
 
     images, gt_boxes, gt_valid = batch["image"], batch["boxes"], batch["box_mask"]
     n = images.shape[0]
     res4 = model.apply(variables, images, method=RegionCLIPDetector.backbone)
-    objectness, rpn_deltas = model.apply(variables, res4, method=RegionCLIPDetector.rpn)
-
-    anchors_ = jnp.asarray(anchors(config))
     k_rpn, k_roi = jax.random.split(rng)
-    fg, bg, rpn_targets = jax.vmap(
-        lambda k, b, v: _rpn_targets(k, anchors_, b, v, m)
-    )(jax.random.split(k_rpn, n), gt_boxes, gt_valid)
-    normaliser = float(n * m.rpn_batch_size_per_image)
-    # jnp.where, not a multiply: targets of unmatched entries may be inf/NaN (padded boxes).
-    rpn_cls = jnp.sum(
-        jnp.where(fg | bg, loss_common.sigmoid_bce(objectness, fg.astype(jnp.float32)), 0.0)
-    ) / normaliser
-    rpn_targets = jnp.where(fg[..., None], rpn_targets, 0.0)
-    rpn_box = jnp.sum(jnp.where(fg, loss_common.l1(rpn_deltas, rpn_targets), 0.0)) / normaliser
+    proposals, _, prop_valid, objectness, rpn_deltas = _proposals(
+        model, variables, res4, images, batch["image_hw"], constants.get("offline_rpn"), config,
+        train=True,
+    )
+    metrics = {}
+    rpn_loss = 0.0
+    if objectness is not None:
+        anchors_ = jnp.asarray(anchors(config))
+        fg, bg, rpn_targets = jax.vmap(
+            lambda k, b, v: _rpn_targets(k, anchors_, b, v, m)
+        )(jax.random.split(k_rpn, n), gt_boxes, gt_valid)
+        rpn_cls, rpn_box = rpn_losses(objectness, rpn_deltas, fg, bg, rpn_targets,
+                                      m.rpn_batch_size_per_image)
+        rpn_loss = m.rpn_loss_weight * (rpn_cls + rpn_box)
+        metrics.update(rpn_cls=rpn_cls, rpn_box=rpn_box)
 
-    proposals, _, prop_valid = jax.vmap(
-        lambda o, d, hw: select_proposals(
-            anchors_, o, d, hw, pre_nms_topk=m.rpn_pre_nms_topk_train,
-            post_nms_topk=m.rpn_post_nms_topk_train, nms_threshold=m.rpn_nms_threshold,
-        )
-    )(objectness, rpn_deltas, batch["image_hw"])
     roi_boxes, roi_valid, roi_fg, cls_t, box_t = jax.vmap(
         lambda k, p, pv, b, lab, v: _roi_targets(k, p, pv, b, lab, v, m)
     )(jax.random.split(k_roi, n), proposals, prop_valid, gt_boxes, batch["labels"], gt_valid)
@@ -186,87 +347,82 @@ def train_loss(model, params, model_state, batch, constants, rng, config):
     )
     logits = rc_losses.region_logits(region_emb, concepts, m.temperature)
     cls_loss = rc_losses.transfer_classification_loss(
-        logits, cls_t, roi_valid, gamma=m.focal_gamma, background_weight=m.background_weight
+        logits, cls_t, roi_valid, gamma=_cls_gamma(m), background_weight=m.background_weight
     )
-    box_t = jnp.where(roi_fg[..., None], box_t, 0.0)
-    box_loss = jnp.sum(jnp.where(roi_fg, loss_common.l1(box_deltas, box_t), 0.0)) / jnp.maximum(
-        roi_valid.sum(), 1.0
-    )
-    loss = m.rpn_loss_weight * (rpn_cls + rpn_box) + cls_loss + m.box_loss_weight * box_loss
+    box_loss = box_regression_loss(box_deltas, box_t, roi_fg, roi_valid)
+    loss = rpn_loss + cls_loss + m.box_loss_weight * box_loss
     accuracy = loss_common.masked_mean(
         (jnp.argmax(logits, -1) == cls_t).astype(jnp.float32), roi_valid & roi_fg
     )
-    metrics = {
-        "loss": loss,
-        "rpn_cls": rpn_cls,
-        "rpn_box": rpn_box,
-        "roi_cls": cls_loss,
-        "roi_box": box_loss,
-        "fg_accuracy": accuracy,
-        "num_fg_rois": jnp.sum(roi_fg) / n,
-    }
+    metrics.update(
+        loss=loss, roi_cls=cls_loss, roi_box=box_loss, fg_accuracy=accuracy,
+        num_fg_rois=jnp.sum(roi_fg) / n, num_proposals=jnp.sum(prop_valid) / n,
+    )
     return loss, metrics
 
 
-def predict(model, variables, images, image_hw, concepts, config):
-    """Batched inference. images [N,S,S,3], image_hw [N,2], concepts [K, D] normalised.
+def predict(model, variables, images, image_hw, queries, config):
+    """Batched inference. images [N,S,S,3], image_hw [N,2], queries from `eval_queries`.
 
     Returns dict of boxes [N,D,4] (input pixels), scores [N,D], classes [N,D] (index into the
     concept list), valid [N,D]; D = config.eval.max_detections.
     """
     m, e = config.model, config.eval
     res4 = model.apply(variables, images, method=RegionCLIPDetector.backbone)
-    objectness, rpn_deltas = model.apply(variables, res4, method=RegionCLIPDetector.rpn)
-    anchors_ = jnp.asarray(anchors(config))
-    proposals, prop_logits, prop_valid = jax.vmap(
-        lambda o, d, hw: select_proposals(
-            anchors_, o, d, hw, pre_nms_topk=m.rpn_pre_nms_topk_test,
-            post_nms_topk=m.rpn_post_nms_topk_test, nms_threshold=m.rpn_nms_threshold,
-        )
-    )(objectness, rpn_deltas, image_hw)
+    proposals, prop_logits, prop_valid, _, _ = _proposals(
+        model, variables, res4, images, image_hw, queries.get("offline_rpn"), config, train=False
+    )
     region_emb, box_deltas = model.apply(
         variables, res4, proposals, method=RegionCLIPDetector.region_features
     )
-    probs = jax.nn.softmax(rc_losses.region_logits(region_emb, concepts, m.temperature), -1)
-    probs = probs[..., 1:]
+    logits = rc_losses.region_logits(region_emb, queries["concepts"], m.temperature)
+    probs = jax.nn.softmax(logits, -1)[..., 1:]
     if m.score == "sqrt_objectness":
+        # Upstream MULTIPLY_RPN_SCORE multiplies by the raw RPN logit (negative ones turn into
+        # NaN and are dropped); the sigmoid keeps every proposal and the order among positives.
         probs = jnp.sqrt(probs * jax.nn.sigmoid(prop_logits)[..., None])
     elif m.score != "softmax":
         raise ValueError(f"config.model.score={m.score!r}: use 'softmax' or 'sqrt_objectness'")
     coder = box_ops.BoxCoder(weights=tuple(m.box_reg_weights))
     boxes = coder.decode(box_deltas, proposals)
     boxes = box_ops.clip_boxes(boxes, image_hw[:, None, 0], image_hw[:, None, 1])
-    return jax.vmap(lambda b, p, v: _per_class_nms(b, p, v, e))(boxes, probs, prop_valid)
+    return jax.vmap(lambda b, p, v: per_class_nms(b, p, v, e))(boxes, probs, prop_valid)
 
 
-def _per_class_nms(boxes, probs, valid, e):
-    """One image: [P,4] boxes and [P,K] scores -> class-aware NMS'ed top detections."""
+def per_class_nms(boxes, probs, valid, e):
+    """One image, detectron2's `fast_rcnn_inference_single_image`: every (proposal, class)
+    pair scoring above `e.score_threshold` is a candidate, NMS runs per class at
+    `e.nms_threshold`, and the `e.max_detections` best survivors are returned.
+
+    boxes [P,4] (class-agnostic), probs [P,K], valid [P]. `e.pre_nms_topk` > 0 keeps only that
+    many best candidates before NMS (a speed knob upstream does not have; 0 = all P * K).
+    """
     p, k = probs.shape
     scores = jnp.where(valid[:, None], probs, -jnp.inf).reshape(-1)
     classes = jnp.tile(jnp.arange(k, dtype=jnp.int32), p)
     flat_boxes = jnp.repeat(boxes, k, axis=0)
-    topk = min(int(e.pre_nms_topk), p * k)
-    top_scores, top_idx = jax.lax.top_k(scores, topk)
-    ok = top_scores > e.score_threshold
-    keep, keep_valid = batched_nms(
-        flat_boxes[top_idx], top_scores, classes[top_idx], e.nms_threshold, e.max_detections,
-        valid=ok,
-    )
+    cut = int(e.pre_nms_topk)
+    if 0 < cut < p * k:
+        scores, top = jax.lax.top_k(scores, cut)
+        flat_boxes, classes = flat_boxes[top], classes[top]
+    ok = scores > e.score_threshold
+    keep, keep_valid = batched_nms(flat_boxes, scores, classes, e.nms_threshold,
+                                   e.max_detections, valid=ok)
     return {
-        "boxes": flat_boxes[top_idx][keep],
-        "scores": jnp.where(keep_valid, top_scores[keep], 0.0),
-        "classes": classes[top_idx][keep],
+        "boxes": jnp.where(keep_valid[:, None], flat_boxes[keep], 0.0),
+        "scores": jnp.where(keep_valid, scores[keep], 0.0),
+        "classes": classes[keep],
         "valid": keep_valid,
     }
 
 
-def classify_boxes(model, variables, images, boxes, concepts, config):
+def classify_boxes(model, variables, images, boxes, queries, config):
     """RegionCLIP's zero-shot-with-GT-boxes protocol: class probabilities of given boxes.
 
-    images [N,S,S,3], boxes [N,M,4] input pixels, concepts [K,D] -> probs [N,M,K] (softmax over
-    the concepts at the config temperature; no background).
+    images [N,S,S,3], boxes [N,M,4] input pixels, queries from `eval_queries` -> probs [N,M,K]
+    (softmax over the concepts at the config temperature; no background).
     """
     res4 = model.apply(variables, images, method=RegionCLIPDetector.backbone)
     region_emb, _ = model.apply(variables, res4, boxes, method=RegionCLIPDetector.region_features)
-    logits = jnp.einsum("nmd,kd->nmk", region_emb, concepts) / config.model.temperature
+    logits = jnp.einsum("nmd,kd->nmk", region_emb, queries["concepts"]) / config.model.temperature
     return jax.nn.softmax(logits, axis=-1)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from ovd_jax.models import layers
 from ovd_jax.ops import boxes as box_ops
-from ovd_jax.ops.nms import topk_nms
+from ovd_jax.ops.nms import nms
 
 
 class RPNHead(nn.Module):
@@ -63,24 +63,28 @@ def select_proposals(
     min_size: float = 0.0,
     box_coder: box_ops.BoxCoder | None = None,
 ):
-    """Decodes, clips, filters and NMS-es one image's anchors into proposals.
+    """One image's proposals, in detectron2's `find_top_rpn_proposals` order (one level).
+
+    The `pre_nms_topk` anchors with the highest logits are decoded and clipped to the image;
+    boxes not wider and taller than `min_size` (or non-finite) are dropped; NMS at
+    `nms_threshold` keeps at most `post_nms_topk`, by descending logit.
 
     Args:
       anchors: [A, 4] input-pixel boxes.
       objectness: [A] logits; deltas: [A, 4] encoded with `box_coder` (default weights 1).
       image_hw: [2] the unpadded input (h, w); proposals are clipped to it.
     Returns:
-      proposals [post_nms_topk, 4], their logits [post_nms_topk], valid [post_nms_topk] bool.
-      Padded entries have valid False and logit -inf.
+      proposals [post_nms_topk, 4], their logits [post_nms_topk], valid [post_nms_topk] bool,
+      gradients stopped. Padded entries have valid False, box 0 and logit -inf.
     """
     coder = box_coder or box_ops.BoxCoder()
-    boxes = coder.decode(deltas, anchors)
+    k = min(int(pre_nms_topk), objectness.shape[0])
+    scores, top = jax.lax.top_k(jnp.where(jnp.isfinite(objectness), objectness, -jnp.inf), k)
+    boxes = coder.decode(deltas[top], anchors[top])
     boxes = box_ops.clip_boxes(boxes, image_hw[0], image_hw[1])
     wh = boxes[:, 2:] - boxes[:, :2]
-    ok = jnp.all(wh > min_size, axis=-1) & jnp.isfinite(objectness)
-    keep, keep_valid = topk_nms(
-        boxes, objectness, pre_nms_topk, nms_threshold, post_nms_topk, valid=ok
-    )
+    ok = jnp.all(wh > min_size, axis=-1) & jnp.isfinite(scores) & jnp.all(jnp.isfinite(boxes), -1)
+    keep, keep_valid = nms(boxes, scores, nms_threshold, post_nms_topk, valid=ok)
     out_boxes = jnp.where(keep_valid[:, None], boxes[keep], 0.0)
-    out_logits = jnp.where(keep_valid, objectness[keep], -jnp.inf)
+    out_logits = jnp.where(keep_valid, scores[keep], -jnp.inf)
     return jax.lax.stop_gradient(out_boxes), jax.lax.stop_gradient(out_logits), keep_valid

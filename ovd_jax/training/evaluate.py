@@ -15,7 +15,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ovd_jax import visualize
-from ovd_jax.data.pipeline import make_detection_loader
+from ovd_jax.data.pipeline import make_detection_loader, resize_options
+from ovd_jax.data.transforms import decode_image
 from ovd_jax.evaluation import coco_eval, gt_boxes_protocol, ovd
 from ovd_jax.evaluation.metrics_only import write_json_atomic
 from ovd_jax.training import sharding as shd
@@ -36,6 +37,7 @@ def _eval_loader(exp, mesh):
         max_boxes=config.data.max_boxes, cat_id_to_index=exp.val_data.cat_id_to_index,
         train=False, seed=config.seed, shard_index=jax.process_index(),
         shard_count=jax.process_count(), drop_remainder=False,
+        **resize_options(config.data, train=False),
     )
     return loader, -(-len(exp.val_data.records) // eval_bs)
 
@@ -95,7 +97,9 @@ def compute_metrics(exp, results: list[dict]) -> dict:
     vocab = exp.eval_vocab
     base_ids = [vocab.cat_ids[i] for i in vocab.base_indices]
     novel_ids = [vocab.cat_ids[i] for i in vocab.novel_indices]
-    metrics.update(ovd.ovd_split_metrics(metrics["per_category"], base_ids, novel_ids))
+    caption_only_ids = [vocab.cat_ids[i] for i in vocab.caption_only_indices]
+    metrics.update(ovd.ovd_split_metrics(metrics["per_category"], base_ids, novel_ids,
+                                         caption_only_ids=caption_only_ids))
     return metrics
 
 
@@ -110,7 +114,8 @@ def write_visualizations(exp, results: list[dict], out_dir: str, count: int) -> 
         dets = [r for r in results if r["image_id"] == rec["image_id"]]
         boxes = np.asarray([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2],
                              d["bbox"][1] + d["bbox"][3]] for d in dets]).reshape(-1, 4)
-        image = Image.open(rec["path"])
+        # File records carry a path, TFDS records their encoded bytes.
+        image = Image.fromarray(decode_image(rec["image"] if "image" in rec else rec["path"]))
         scale = max(1, 384 // max(image.size))
         img = visualize.draw_detections(
             image, boxes, np.asarray([d["score"] for d in dets]),
@@ -128,6 +133,10 @@ def evaluate(exp, variables, mesh, out_dir: str, *, progress: bool = True) -> di
     """Predicts, writes `detections.json` and `metrics.json` (atomically) under `out_dir`."""
     results = predict_dataset(exp, variables, mesh, progress=progress)
     metrics = compute_metrics(exp, results)
+    # Method-specific numbers (e.g. GLIP's phrase-grounding recall) go into the same file.
+    extra = getattr(exp.method, "extra_metrics", None)
+    if extra is not None:
+        metrics.update(extra(exp, variables, mesh))
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomic(results, os.path.join(out_dir, "detections.json"))
@@ -182,7 +191,7 @@ def evaluate_gt_boxes(exp, variables, mesh, out_dir: str, *, progress: bool = Tr
 
 def format_headline(metrics: dict) -> str:
     """A small table of the headline numbers."""
-    names = ("AP", "AP50", "AP75", "base_AP50", "novel_AP50", "all_AP50")
+    names = ("AP", "AP50", "AP75", "base_AP50", "novel_AP50", "caption_only_AP50", "all_AP50")
     keys = [k for k in names if k in metrics]
     head = " | ".join(f"{k:>10}" for k in keys)
     row = " | ".join(f"{metrics[k]:10.4f}" for k in keys)

@@ -6,13 +6,14 @@ Shared by `train.py` (ovd_jax/training/loop.py) and `eval.py` (ovd_jax/training/
 from __future__ import annotations
 
 import dataclasses
+import logging
 from types import ModuleType
 
 import numpy as np
 
 from ovd_jax import methods
 from ovd_jax.data import coco, lvis, synthetic
-from ovd_jax.data.vocabulary import Vocabulary
+from ovd_jax.data.vocabulary import Vocabulary, drop_annotations_outside, restrict_dataset
 from ovd_jax.text import prompts, tokenizers
 
 
@@ -65,12 +66,21 @@ def resolve_data_paths(config) -> str:
 
 def load_detection(config, which: str):
     d = config.data
+    if d.kind == "tfds":  # a prepared TFDS array_record dataset (e.g. coco/2017), read lazily
+        from ovd_jax.data.tfds_source import load_tfds_detection  # noqa: PLC0415 (optional)
+
+        if not d.tfds_name:
+            raise ValueError("config.data.kind='tfds' needs config.data.tfds_name "
+                             "(e.g. 'coco/2017').")
+        split = d.tfds_train_split if which == "train" else d.tfds_val_split
+        return load_tfds_detection(d.tfds_name, split=split, data_dir=d.tfds_data_dir or None,
+                                   with_gt=which != "train")
     instances, images = (
         (d.train_instances, d.train_images) if which == "train" else (d.val_instances, d.val_images)
     )
     loader = {"coco": coco.load_coco_detection, "lvis": lvis.load_lvis_detection}.get(d.kind)
     if loader is None:
-        raise ValueError(f"config.data.kind={d.kind!r}: use 'coco' or 'lvis' (or 'tfds').")
+        raise ValueError(f"config.data.kind={d.kind!r}: use 'coco', 'lvis' or 'tfds'.")
     return loader(instances, images)
 
 
@@ -101,12 +111,29 @@ def _select(names: list[str], wanted, what: str) -> list[str]:
 def build_experiment(config, *, with_train: bool = True) -> Experiment:
     """Loads and validates data, builds vocabularies, tokenizer and model from `config`."""
     method = methods.get(config.method)
+    if config.model.get("teacher") and not config.model.get("init_checkpoint"):
+        # Distillation from a frozen teacher (config.model.teacher): the student's towers start
+        # from the teacher's, as RegionCLIP's pretraining initialises the student from CLIP.
+        with config.unlocked():
+            config.model.init_checkpoint = config.model.teacher
+    if config.method == "regionclip" and config.model.get("init_checkpoint") and \
+            config.text.trainable:
+        # A RegionCLIP detector started from pretrained towers (a converted CLIP / RegionCLIP
+        # checkpoint or a pretraining workdir) keeps its text tower frozen, as upstream does.
+        logging.warning("config.model.init_checkpoint is set: the text tower is frozen "
+                        "(config.text.trainable -> False).")
+        with config.unlocked():
+            config.text.trainable = False
     synthetic_vocab = resolve_data_paths(config)
     val_data = load_detection(config, "val")
     split = config.data.split_file or None
+    builtin = config.data.get("split") or None  # a split named in vocabulary.BUILTIN_SPLITS
     eval_vocab = Vocabulary.from_categories(
-        val_data.categories, split_file=split, rare_as_novel=config.data.kind == "lvis"
+        val_data.categories, split_file=split, rare_as_novel=config.data.kind == "lvis",
+        split=builtin,
     )
+    if builtin:  # e.g. COCO OVD: 65 of the 80 categories, as the OVD evaluation file holds
+        val_data = restrict_dataset(val_data, eval_vocab.cat_ids)
     if config.data.eval_classes:
         keep = _select(list(eval_vocab.class_names), config.data.eval_classes,
                        "config.data.eval_classes")
@@ -116,13 +143,16 @@ def build_experiment(config, *, with_train: bool = True) -> Experiment:
             tuple(i for i, k in enumerate(idx) if k in eval_vocab.base_indices),
             tuple(i for i, k in enumerate(idx) if k in eval_vocab.novel_indices),
             tuple(eval_vocab.cat_ids[k] for k in idx),
+            caption_only_indices=tuple(
+                i for i, k in enumerate(idx) if k in eval_vocab.caption_only_indices),
         )
 
     train_data, train_classes, train_map = None, [], {}
     if with_train:
         train_data = load_detection(config, "train")
         train_vocab = Vocabulary.from_categories(
-            train_data.categories, split_file=split, rare_as_novel=config.data.kind == "lvis"
+            train_data.categories, split_file=split, rare_as_novel=config.data.kind == "lvis",
+            split=builtin,
         )
         if config.data.train_classes:
             train_classes = _select(list(train_vocab.class_names), config.data.train_classes,
@@ -134,12 +164,16 @@ def build_experiment(config, *, with_train: bool = True) -> Experiment:
         outside = sorted({
             int(c) for r in train_data.records for c in r["category_ids"] if int(c) not in train_map
         })
-        if outside:
+        if outside and config.data.get("drop_non_base_annotations"):
+            train_data, _ = drop_annotations_outside(train_data, list(train_map),
+                                                     novel_names=train_vocab.novel_names)
+        elif outside:
             names = [c["name"] for c in train_data.categories if c["id"] in outside]
             raise ValueError(
                 f"training annotations use categories {names[:10]} that are not in the training "
                 "vocabulary (base classes); add them to config.data.train_classes or remove them "
-                "from the training annotations (OVD training sees base classes only)."
+                "from the training annotations (OVD training sees base classes only), or set "
+                "config.data.drop_non_base_annotations=True."
             )
 
     tokenizer = build_tokenizer(config, synthetic_vocab)

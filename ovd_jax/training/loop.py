@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from ovd_jax.data.unified import DATA_TYPE_KEY
 from ovd_jax.training import checkpoint as ckpt
 from ovd_jax.training import evaluate as evaluation
 from ovd_jax.training import sharding as shd
@@ -101,15 +102,21 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
     exp = build_experiment(config)
     mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
     dp = shd.data_parallel_size(mesh)
-    if config.train.batch_size % dp:
-        raise ValueError(
-            f"config.train.batch_size={config.train.batch_size} must be a multiple of the "
-            f"data-parallel mesh size {dp} (config.mesh.shape={tuple(config.mesh.shape)})."
-        )
+    kinds = ts.data_types(exp)  # (None,) unless the method trains on several data types
+    for kind in kinds:
+        if ts.global_batch_size(exp, kind) % dp:
+            name = "config.train.batch_size" if kind is None else \
+                f"the {kind} batch size (config.train.batch_sizes.{kind})"
+            raise ValueError(
+                f"{name}={ts.global_batch_size(exp, kind)} must be a multiple of the "
+                f"data-parallel mesh size {dp} (config.mesh.shape={tuple(config.mesh.shape)})."
+            )
     root_key = jax.random.key(config.seed)
     state, state_shardings, tx = ts.create_train_state(exp, mesh, jax.random.fold_in(root_key, 0))
     constants = exp.method.train_constants(exp, state.variables())
-    step_fn = ts.make_train_step(exp, tx, mesh, state_shardings, constants)
+    # One compiled step per data type (each has its own batch shapes); a batch names its type.
+    step_fns = {kind: ts.make_train_step(exp, tx, mesh, state_shardings, constants, kind)
+                for kind in kinds}
     loader = make_train_loader(exp)
     iterator = iter(loader)
 
@@ -135,21 +142,28 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
     step_key = jax.random.fold_in(root_key, 1)
     stopped = False
     history = []
+    logged = {}  # newest metrics of every data type, written together
     t0 = time.time()
     with _StopFlag() as flag, tqdm(total=total, initial=start, desc="train", unit="step",
                                    disable=not progress or jax.process_index() != 0) as bar:
         for step in range(start, total):
             batch = next(iterator)
-            state, metrics = step_fn(state, ts.device_batch(exp, batch, mesh), step_key)
+            kind = batch.get(DATA_TYPE_KEY) if kinds != (None,) else None
+            if kind not in step_fns:
+                raise ValueError(f"the training loader gave a batch of data type {kind!r}; "
+                                 f"config.method={config.method!r} trains {kinds}.")
+            state, metrics = step_fns[kind](state, ts.device_batch(exp, batch, mesh, kind),
+                                            step_key)
             # Blocking each step keeps host and devices in lock-step (and avoids the CPU
             # backend's all-reduce deadlock on back-to-back sharded steps).
             metrics = jax.device_get(metrics)
+            logged.update(metrics)
             history.append(float(metrics["loss"]))
             bar.update(1)
             bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
             done = step + 1
             if done % config.train.log_every == 0 or done == total:
-                writer.scalars(done, metrics)
+                writer.scalars(done, logged)
                 writer.scalars(done, {"steps_per_sec": (done - start) / (time.time() - t0)},
                                prefix="perf")
             if not np.isfinite(float(metrics["loss"])):

@@ -21,7 +21,7 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = ("data", "fsdp", "mode
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds a mesh of `shape` over `devices` (default: all); one -1 entry takes the rest.
 
-    Axis types are Auto: Explicit axes break linen's logical constraints (DESIGN §2).
+    Axis types are Auto: Explicit axes break linen's logical constraints.
     """
     devices = list(devices if devices is not None else jax.devices())
     shape = list(shape)

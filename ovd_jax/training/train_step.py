@@ -58,18 +58,39 @@ def create_train_state(exp, mesh, key):
     return state, state_shardings, tx
 
 
-def make_train_step(exp, tx, mesh, state_shardings, constants):
+def data_types(exp) -> tuple:
+    """The method's data types, each trained by its own compiled step: `(None,)` for a
+    single-type method, else its `data_types(config)` (e.g. DetCLIPv2's detection, grounding
+    and image-text batches, which differ in batch size, resolution and keys)."""
+    fn = getattr(exp.method, "data_types", None)
+    return (None,) if fn is None else tuple(fn(exp.config))
+
+
+def global_batch_size(exp, data_type=None) -> int:
+    """Global batch size of one data type (`config.train.batch_size` for single-type methods)."""
+    if data_type is None:
+        return int(exp.config.train.batch_size)
+    return int(exp.method.batch_size(exp.config, data_type))
+
+
+def _typed(data_type):
+    return {} if data_type is None else {"data_type": data_type}
+
+
+def make_train_step(exp, tx, mesh, state_shardings, constants, data_type=None):
     """Returns a jitted `step(state, batch, key) -> (state, metrics)`.
 
     The step is a pure function; the state is donated. `key` is the run's root key: the step
     folds in the step number, so a resumed run draws exactly the same randomness.
     `constants` is the method's `train_constants(exp, variables)`: passed to the compiled step
     as a replicated argument (not closed over, so large ones are not baked into the program).
+    `data_type` (methods with `data_types`): the step of that type's batches; the method's
+    `device_keys` and `train_loss` receive it. `step.jitted` is the underlying jitted function.
     """
     config = exp.config
     rules = shd.rules_tuple(config.sharding.rules)
     schedule = learning_rate_schedule(config)
-    keys = tuple(exp.method.device_keys(config))
+    keys = tuple(exp.method.device_keys(config, **_typed(data_type)))
     constants = jax.device_put(constants, shd.replicated(mesh))
 
     def step(state: TrainState, batch, consts, key):
@@ -77,7 +98,8 @@ def make_train_step(exp, tx, mesh, state_shardings, constants):
 
         def loss_fn(params):
             return exp.method.train_loss(
-                exp.model, params, state.model_state, batch, consts, rng, config
+                exp.model, params, state.model_state, batch, consts, rng, config,
+                **_typed(data_type),
             )
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -102,12 +124,14 @@ def make_train_step(exp, tx, mesh, state_shardings, constants):
         with mesh, nn.logical_axis_rules(rules):
             return jitted(state, batch, constants, key)
 
+    run.jitted = jitted
     return run
 
 
-def device_batch(exp, batch: dict, mesh) -> dict:
-    """The keys the method's step reads, as global arrays sharded over the batch axes."""
-    keys = exp.method.device_keys(exp.config)
+def device_batch(exp, batch: dict, mesh, data_type=None) -> dict:
+    """The keys the method's step (of `data_type`) reads, as global arrays sharded over the
+    batch axes."""
+    keys = exp.method.device_keys(exp.config, **_typed(data_type))
     missing = [k for k in keys if k not in batch]
     if missing:
         raise ValueError(f"the training batch lacks {missing} that config.method="
