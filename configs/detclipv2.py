@@ -88,6 +88,10 @@ def detclipv2_data() -> ml_collections.ConfigDict:
     d.max_concepts = 100
     d.num_negatives = 85
     d.use_definitions = True
+    # Grounding negatives come from a concept dictionary: "grounding" (the grounding corpus's
+    # box phrases) or "captions" (those, the training class names and the image-text captions'
+    # frequent noun phrases, see image_text.concepts_file / min_concept_count).
+    d.negative_dictionary = "captions"
     return d
 
 
@@ -108,9 +112,16 @@ def image_text_data() -> ml_collections.ConfigDict:
     it.image_size = 320
     # Concepts per caption: its noun phrases (spaCy noun chunks when installed), at most this
     # many; `include_caption` adds the caption itself as one more concept.
-    it.max_concepts = 16
+    it.concepts_per_caption = 16
     it.concept_parser = "auto"
     it.include_caption = False
+    # The concept dictionary grounding negatives are drawn from (data.negative_dictionary =
+    # "captions"): a file with one concept per line, or the captions' noun phrases seen at least
+    # min_concept_count times in the first max_caption_scan images (at most max_concepts).
+    it.concepts_file = ""
+    it.min_concept_count = 2
+    it.max_concepts = 0
+    it.max_caption_scan = 100_000
     return it
 
 
@@ -213,7 +224,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
     d.max_concepts = 4
     d.num_negatives = 2
     c.image_text.image_size = 32
-    c.image_text.max_concepts = 4
+    c.image_text.concepts_per_caption = 4
     c.text.context_length = 16
     _small_model(c, channels=16, bert_hidden=16, bert_layers=1)
     m = c.model
@@ -258,7 +269,7 @@ def demo_config(c: ml_collections.ConfigDict, *, no_image_text: bool = False,
     d.max_concepts = 8
     d.num_negatives = 6
     c.image_text.image_size = 96
-    c.image_text.max_concepts = 4
+    c.image_text.concepts_per_caption = 4
     c.text.context_length = 16
     _small_model(c, channels=64, bert_hidden=64, bert_layers=2)
     m = c.model
@@ -278,6 +289,8 @@ def demo_config(c: ml_collections.ConfigDict, *, no_image_text: bool = False,
     t.log_every = 50
     t.checkpoint_every = 400
     if no_image_text:
+        # No caption data at all: grounding negatives come from the grounding phrases only.
+        d.negative_dictionary = "grounding"
         kept = [k for k in t.schedule if k != "image_text"]
         t.steps = int(math.ceil(t.steps * len(kept) / len(t.schedule)))
         t.schedule = tuple(kept)

@@ -218,17 +218,25 @@ def demo_config(c: ml_collections.ConfigDict, *, smoke: bool = False
     (see docs/glip.md). `smoke` shrinks it further for tests."""
     c.method = "glip"
     c.dtype = "float32"
-    c.model = glip_model(backbone="tiny", num_fusion_layers=2)
+    # One fusion layer (VLFuse -> BERT layer -> DyConv): each layer costs about 0.3 s a step on
+    # a busy 2-core CPU, and one already fuses the streams.
+    c.model = glip_model(backbone="tiny", num_fusion_layers=1)
     m = c.model
     m.backbone_overrides = ml_collections.ConfigDict({"width": 8})
     m.channels = 64
-    m.strides = (8, 16, 32)
+    m.strides = (8, 16, 32)  # P3..P5 of a 128 px image: 16x16, 8x8, 4x4 locations
     m.fusion_heads = 4
     m.fusion_embed_dim = 64
     m.fusion_dropout = 0.0
     m.gn_groups = 16
     m.dyhead_use_deform = False
     m.dyhead_use_dyrelu = False
+    # exp(-log_scale) is the dot product's inverse temperature (upstream's MODEL.DYHEAD.LOG_SCALE,
+    # 0 for its pretrained towers). Towers trained from scratch start with nearly constant image
+    # features, so at temperature 1 the token logits barely vary and every word drifts to the
+    # same "object" direction (the colour words collapse first); ~10x sharper logits from the
+    # start avoid that (measured: base/novel AP50 0.34/0.27 after 300 steps, 0.06-0.10 at 0).
+    m.log_scale_init = -2.3
     m.bert = ml_collections.ConfigDict(dict(
         BERT_BASE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
@@ -241,20 +249,23 @@ def demo_config(c: ml_collections.ConfigDict, *, smoke: bool = False
     t.templates = ("{}",)
     t.trainable = True
     d = c.data
-    d.grounding_train = ()
+    d.grounding_train = ()  # the synthetic set's grounding_train.json
     d.grounding_images = ()
     d.grounding_copies = 1
+    # A few negatives per prompt (upstream: 85 of 365 classes); all 15 base classes in every
+    # prompt learned base classes as well but transferred worse to novel ones (0.25 vs 0.34).
     d.num_negatives = 6
     d.eval_chunk_size = 0
-    d.grounding_val = ""
+    d.grounding_val = ""  # the synthetic set's grounding_val.json
     d.grounding_val_images = ""
     c.optim.learning_rate = 2e-3
     c.optim.lr_multipliers = ()
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 1e-4
     c.optim.grad_clip_norm = 5.0
-    c.train.steps = 800
+    c.train.steps = 600
     c.train.batch_size = 16
+    c.train.checkpoint_every = 300
     c.eval.score_threshold = 0.0
     c.eval.nms_threshold = 0.6
     c.eval.pre_nms_topk = 300

@@ -14,12 +14,17 @@ RECIPES = sorted(
     os.path.splitext(os.path.basename(p))[0]
     for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
     if not os.path.basename(p).startswith(("_", "common"))
+    # Helper modules of a recipe (e.g. regionclip_pretrain.py) have no get_config.
+    and "def get_config(" in open(p, encoding="utf-8").read()
 )
 # Variants each recipe accepts besides 'smoke' (all are exercised).
 VARIANTS = {"demo": [""], "regionclip": ["coco_ovd", "lvis", "rn50x4", "lvis,rn50x4",
                                          "coco_ovd,rpn"]}
 VARIANTS["demo"] += ["detclipv2", "detclipv2,no_image_text"]
 VARIANTS["detclipv2"] = ["detclipv2_t", "detclipv2_l", "detclipv2_t,lvis"]
+VARIANTS["demo"] += ["glip", "teacher", "pretrain"]
+VARIANTS["regionclip"] += ["pretrain"]
+VARIANTS["glip"] = ["glip_t", "glip_l", "glip_t,lvis"]
 
 
 def _cases():

@@ -53,7 +53,7 @@ def test_loader_batches_per_type(exp):
     for kind, b in batches.items():
         size = c.image_text.image_size if kind == "image_text" else c.data.image_size
         assert b["image"].shape == (c.train.batch_sizes[kind], size, size, 3), kind
-        k = c.image_text.max_concepts if kind == "image_text" else c.data.max_concepts
+        k = c.image_text.concepts_per_caption if kind == "image_text" else c.data.max_concepts
         assert b["concept_ids"].shape == (b["image"].shape[0], k, c.text.context_length)
         assert b["concept_valid"].any(axis=1).all(), kind  # every example has a concept
         if kind != "image_text":

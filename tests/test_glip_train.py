@@ -8,10 +8,11 @@ import jax
 import numpy as np
 from helpers import smoke_config
 
+from ovd_jax.methods import glip as glip_method
 from ovd_jax.training import sharding as shd
 from ovd_jax.training import train_step as ts
 from ovd_jax.training.experiment import build_experiment
-from ovd_jax.training.loop import make_train_loader, train_and_evaluate
+from ovd_jax.training.loop import make_train_loader, restore_for_eval, train_and_evaluate
 
 HEADLINE = ("AP", "AP50", "base_AP50", "novel_AP50")
 
@@ -39,6 +40,19 @@ def test_smoke_trains_and_evaluates(tmp_path_factory):
     with open(config.data.val_instances) as f:
         cat_ids = {c["id"] for c in json.load(f)["categories"]}
     assert {d["category_id"] for d in dets} <= cat_ids
+
+    # Free-text grounding with the trained checkpoint: one box per noun phrase, inside the image.
+    exp = build_experiment(config, with_train=False)
+    variables, _ = restore_for_eval(exp, shd.make_mesh((-1, 1, 1)), workdir)
+    rec = exp.val_data.records[0]
+    caption = "a red circle and a blue star on a grey background"
+    found = glip_method.ground_caption(exp, variables, rec["path"], caption)
+    assert [f["text"] for f in found] == ["red circle", "blue star", "grey background"]
+    for f in found:
+        x1, y1, x2, y2 = f["box"]
+        assert -1e-3 <= x1 <= x2 <= rec["width"] + 1e-3
+        assert -1e-3 <= y1 <= y2 <= rec["height"] + 1e-3
+        assert 0.0 <= f["score"] <= 1.0
 
 
 def _one_step(exp, devices, batch):

@@ -189,7 +189,7 @@ def _image_text_loader(exp, num_epochs):
     it = config.image_text
     records = image_text_data.image_text_records(config)
     parser = captions_lib.load_parser(it.concept_parser)
-    k = int(it.max_concepts)
+    k = int(it.concepts_per_caption)
     tokenizer, lock = exp.tokenizer, threading.Lock()
 
     def tokenize(caption: str) -> dict:
@@ -206,6 +206,25 @@ def _image_text_loader(exp, num_epochs):
     )
 
 
+def negative_dictionary(exp, grounding_records) -> list[str]:
+    """The concept dictionary grounding negatives are sampled from (`data.negative_dictionary`):
+    the grounding corpus's distinct box phrases, and with "captions" also the training class
+    names and the image-text captions' frequent noun phrases (`image_text_data.concept_pool`).
+    """
+    config = exp.config
+    kind = config.data.negative_dictionary
+    if kind not in ("grounding", "captions"):
+        raise ValueError(f"config.data.negative_dictionary={kind!r}: use 'grounding' or "
+                         "'captions'.")
+    pool = {unified.phrase_text(r["caption"], s) for r in grounding_records
+            for s in r["tokens_positive"] if s}
+    if kind == "captions":
+        pool |= {" ".join(n.lower().split()) for n in exp.train_classes}
+        records = image_text_data.image_text_records(config)
+        pool |= set(image_text_data.concept_pool(config, records))
+    return sorted(pool)
+
+
 def make_train_loader(exp, *, num_epochs=None) -> unified.MixedLoader:
     """One loader per scheduled data type, drawn in `config.train.schedule` order."""
     config = exp.config
@@ -220,8 +239,7 @@ def make_train_loader(exp, *, num_epochs=None) -> unified.MixedLoader:
             raise ValueError("config.train.schedule draws 'grounding' but there are no grounding "
                              "records (config.data.grounding_train / grounding_copies); remove "
                              "it from the schedule or give grounding data.")
-        pool = sorted({unified.phrase_text(r["caption"], s) for r in records
-                       for s in r["tokens_positive"] if s})
+        pool = negative_dictionary(exp, records)
         loaders["grounding"] = _box_loader(exp, "grounding", records,
                                            {glip_method._NO_CLASS: glip_method._NO_CLASS},
                                            pool, num_epochs)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ovd_jax.data import grounding as grounding_data
-from ovd_jax.data import synthetic, transforms
+from ovd_jax.data import transforms
 from ovd_jax.losses import glip as glip_losses
 from ovd_jax.methods.base import compute_dtype, detection_train_loader
 from ovd_jax.models import bert as bert_lib
@@ -77,6 +77,10 @@ def build_model(config, *, text_vocab_size: int, eot_token_id: int | None) -> GL
     """The detector described by `config.model` (random init). `text_vocab_size` sets BERT's
     embedding rows when it differs from the config's (the synthetic WordPiece vocabulary)."""
     del eot_token_id  # BERT reads every token; there is no EOT pooling
+    if not config.text.trainable:
+        raise ValueError("config.text.trainable=False does not apply to GLIP (its text stream "
+                         "is fused with the image); freeze the language tower with "
+                         "config.optim.frozen=('language_backbone',) instead.")
     m = config.model
     dtype = compute_dtype(config)
     bert_kw = m.bert.to_dict()
@@ -193,32 +197,37 @@ def swap_left_right(caption: str, spans_per_box: list) -> tuple[str, list]:
     return "".join(pieces), new_spans
 
 
-def _synthetic_paths(config):
+def _synthetic_grounding(config, split: str) -> tuple[str, str]:
+    """(grounding json, image folder) of the synthetic set's `split`, found next to the
+    instances file the experiment resolved; ("", "") when the file is absent."""
     d = config.data
-    return synthetic.generate(
-        d.root, seed=d.synthetic_seed, num_train=d.synthetic_num_train,
-        num_val=d.synthetic_num_val, image_size=d.synthetic_image_size,
-    )
+    instances, images = ((d.train_instances, d.train_images) if split == "train"
+                         else (d.val_instances, d.val_images))
+    path = os.path.join(os.path.dirname(instances), f"grounding_{split}.json")
+    return (path, images) if os.path.isfile(path) else ("", "")
 
 
 def grounding_train_records(config) -> list[dict]:
     """Phrase-grounding training records (`caption`, per-box `tokens_positive`): the files in
-    `config.data.grounding_train` (with `grounding_images`), or, for the synthetic set when none
-    are given, its own grounding_train.json. Empty when `data.grounding_copies` is 0."""
+    `config.data.grounding_train` (MDETR .json or ODVG grounding .jsonl, with
+    `grounding_images`), or, for the synthetic set when none are given, its own
+    grounding_train.json. Empty when `data.grounding_copies` is 0."""
     d = config.data
     if int(d.grounding_copies) <= 0:
         return []
     files, dirs = tuple(d.grounding_train), tuple(d.grounding_images)
     if not files and d.synthetic:
-        p = _synthetic_paths(config)
-        files, dirs = (p.train_grounding,), (p.train_images,)
+        path, images = _synthetic_grounding(config, "train")
+        files, dirs = ((path,), (images,)) if path else ((), ())
     if len(files) != len(dirs):
         raise ValueError(f"config.data.grounding_train has {len(files)} files but "
                          f"config.data.grounding_images {len(dirs)} folders; give one image "
                          "folder per grounding file.")
     records = []
     for f, im in zip(files, dirs):
-        for r in grounding_data.load_grounding(f, im).records:
+        # MDETR's flattened .json, or an ODVG grounding (`vg`) .jsonl file.
+        load = grounding_data.load_odvg if f.endswith(".jsonl") else grounding_data.load_grounding
+        for r in load(f, im).records:
             # Grounding boxes carry no class of the detection vocabulary: their targets are
             # caption tokens. A placeholder id keeps the detection pipeline's label lookup happy.
             records.append(dict(r, category_ids=np.full(len(r["boxes"]), _NO_CLASS, np.int64)))
@@ -514,6 +523,15 @@ def _phrases_of(record) -> tuple[list, list]:
     return [[list(sp) for sp in k] for k in keys], [boxes_of[k] for k in keys]
 
 
+def _best_iou(box, gts) -> float:
+    """Largest IoU of one box [4] with boxes [G, 4] (x1y1x2y2)."""
+    iw = np.clip(np.minimum(box[2], gts[:, 2]) - np.maximum(box[0], gts[:, 0]), 0, None)
+    ih = np.clip(np.minimum(box[3], gts[:, 3]) - np.maximum(box[1], gts[:, 1]), 0, None)
+    inter = iw * ih
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return float(np.max(inter / np.maximum(area(box) + area(gts) - inter, 1e-9)))
+
+
 def grounding_recall(exp, variables, mesh, records, *, iou_threshold: float = 0.5,
                      progress: bool = False) -> float:
     """Recall@1 of phrase grounding (Flickr30k Entities protocol): a phrase is a hit when its
@@ -554,9 +572,7 @@ def grounding_recall(exp, variables, mesh, records, *, iou_threshold: float = 0.
                 for p, box_ids in enumerate(_phrases_of(r)[1]):
                     total += 1
                     if ok[p]:
-                        ious = np.asarray(box_ops.box_iou(jnp.asarray(boxes[i, p][None]),
-                                                          jnp.asarray(gt[box_ids])))
-                        hits += int(ious.max() >= iou_threshold)
+                        hits += int(_best_iou(boxes[i, p], gt[box_ids]) >= iou_threshold)
     return hits / max(total, 1)
 
 
@@ -565,10 +581,7 @@ def _grounding_val_source(config) -> tuple[str, str]:
     if d.get("grounding_val"):
         return d.grounding_val, d.grounding_val_images
     if d.synthetic:
-        p = _synthetic_paths(config)
-        path = getattr(p, "val_grounding", "")
-        if path and os.path.isfile(path):
-            return path, p.val_images
+        return _synthetic_grounding(config, "val")
     return "", ""
 
 
