@@ -43,8 +43,8 @@ def test_same_seed_gives_identical_files(tmp_path, seed):
     b = synthetic.generate(str(tmp_path / "b"), seed=seed, **SMALL)
     c = synthetic.generate(str(tmp_path / "c"), seed=seed + 1, **SMALL)
     ha, hb, hc = _tree_hash(a.root), _tree_hash(b.root), _tree_hash(c.root)
-    # 16 train + 16 val + ceil(0.4 * 16) caption-only val + 4 * 16 image-text images, 9 files.
-    assert len(ha) == 2 * 16 + 7 + 64 + 9, f"seed={seed}: unexpected file set {sorted(ha)}"
+    # 16 train + 16 val + ceil(0.4 * 16) caption-only val + 4 * 16 image-text images, 10 files.
+    assert len(ha) == 2 * 16 + 7 + 64 + 10, f"seed={seed}: unexpected file set {sorted(ha)}"
     assert ha == hb, f"seed={seed}: same seed produced different files"
     differing = [k for k in ha if ha[k] != hc.get(k)]
     assert any(k.endswith(".png") for k in differing), f"seed={seed}: seed does not matter"
