@@ -34,8 +34,9 @@ def image_text_data() -> ml_collections.ConfigDict:
     it.caption_key = "caption"
     it.id_key = ""
     it.hflip = False  # flipping would contradict captions that say left / right
-    # Image-text batch size (0: config.train.batch_size).
+    # Image-text batch size (0: config.train.batch_size) and input side (0: data.image_size).
     it.batch_size = 0
+    it.image_size = 0
     # Concept pool: a file with one concept per line, or (empty) the captions' noun phrases
     # seen >= min_concept_count times in the first max_caption_scan images' captions.
     it.concepts_file = ""
@@ -86,6 +87,9 @@ def demo_teacher(c: ml_collections.ConfigDict, *, smoke: bool) -> ml_collections
     c.method = "clip"
     c.image_text = image_text_data()
     c.image_text.batch_size = 64
+    # The teacher sees image-text pairs at 96 px (a 6 x 6 res4 map, the pooler grid), the
+    # detector stages at 128 px: as CLIP (224 px) teaches RegionCLIP's 800 px student.
+    c.image_text.image_size = 96
     c.clip = clip_settings()
     # 128 px inputs give an 8 x 8 res4 map, regions are read on 6 x 6: train on that grid.
     c.clip.image_pooling = "global_box"
@@ -95,12 +99,13 @@ def demo_teacher(c: ml_collections.ConfigDict, *, smoke: bool) -> ml_collections
     c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 30
     c.optim.weight_decay = 0.1  # CLIP's
-    c.train.steps = 400
+    c.train.steps = 1000
     c.train.batch_size = 16  # detection images per step for the RPN
-    c.train.checkpoint_every = 400
+    c.train.checkpoint_every = 1000
     if smoke:
         _smoke(c)
         c.image_text.batch_size = 8
+        c.image_text.image_size = 0
     return c
 
 

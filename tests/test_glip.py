@@ -30,7 +30,7 @@ def _init(config, rng, n=2, vocab=VOCAB):
     images = jnp.asarray(rng.normal(size=(n, s, s, 3)), jnp.float32)
     ids = jnp.asarray(rng.integers(5, vocab, size=(n, length)), jnp.int32)
     mask = jnp.asarray(np.arange(length)[None] < rng.integers(4, length, size=(n, 1)))
-    variables = model.init(jax.random.key(int(rng.integers(1 << 30))), images, ids, mask)
+    variables = jax.jit(model.init)(jax.random.key(int(rng.integers(1 << 30))), images, ids, mask)
     return model, jax.tree.map(np.asarray, nn_unbox(variables)), images, ids, mask
 
 
@@ -76,10 +76,15 @@ def test_alignment_logits_match_numpy(seed, log_scale):
     p["bias_lang"] = rng.normal(size=p["bias_lang"].shape).astype(np.float32)
     p["bias0"] = np.float32([rng.normal()])
     variables = {**variables, "params": p}
-    levels = model.apply(variables, images, method=GLIPDetector.visual_features)
-    text = model.apply(variables, ids, mask, method=GLIPDetector.encode_text)
-    out = model.apply(variables, levels, text, mask, return_features=True,
-                      method=GLIPDetector.head)
+
+    @jax.jit
+    def pieces(variables, images, ids, mask):
+        levels = model.apply(variables, images, method=GLIPDetector.visual_features)
+        text = model.apply(variables, ids, mask, method=GLIPDetector.encode_text)
+        return model.apply(variables, levels, text, mask, return_features=True,
+                           method=GLIPDetector.head)
+
+    out = pieces(variables, images, ids, mask)
     proj = p["dot_product_projection_text"]
     ref = _numpy_logits(out["visual"], out["text"], proj["kernel"], proj["bias"],
                         p["log_scale"], p["bias_lang"], p["bias0"])
@@ -91,7 +96,7 @@ def test_alignment_logits_match_numpy(seed, log_scale):
     if log_scale is not None:
         assert np.abs(got).max() == LOGIT_CLAMP, f"seed {seed}: the clamp was not reached"
     # The full forward gives the same logits as the three pieces.
-    full = model.apply(variables, images, ids, mask)
+    full = jax.jit(model.apply)(variables, images, ids, mask)
     np.testing.assert_allclose(full["logits"], got, rtol=1e-5, atol=1e-4)
     assert full["box_deltas"].shape == (2, a, 4) and full["centerness"].shape == (2, a)
 
@@ -100,6 +105,10 @@ def test_alignment_logits_match_numpy(seed, log_scale):
                                         ("glip_t,smoke", 1), ("glip_l,smoke", 1)])
 def test_every_recipe_initialises(arg, layers):
     config = glip_configs.get_config(arg)
+    if "lvis" in arg:  # an evaluation variant: the same detector as glip_t (checked there)
+        assert config.model.to_dict() == glip_configs.get_config("glip_t").model.to_dict()
+        assert config.eval.metric == "lvis" and config.data.eval_chunk_size == 40
+        return
     model = glip_method.build_model(config, text_vocab_size=30522, eot_token_id=None)
     shapes = jax.eval_shape(model.init, jax.random.key(0), *glip_method.init_args(config))
     p = nn_unbox(shapes["params"])

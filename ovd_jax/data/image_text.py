@@ -8,8 +8,9 @@ Sources (`config.image_text.source`):
     "tfds"           a prepared TFDS array_record dataset (`tfds_name`, `tfds_split`, ...),
                      e.g. CC3M: images + one caption each
 
-`caption_loader` turns them into grain batches of `image` [B,S,S,3], `image_hw`, `valid` and
-`caption_tokens` [B,L] (one random caption of the image per visit); `concept_pool` gives the
+`caption_loader` turns them into grain batches of `image` [B,S,S,3] (S =
+`image_text.image_size`, default `data.image_size`), `image_hw`, `valid` and `caption_tokens`
+[B,L] (one random caption of the image per visit); `concept_pool` gives the
 pretraining concepts (a file, one per line, or the captions' frequent noun phrases);
 `ZipLoader` runs two loaders side by side (e.g. image-text pairs and detection images for a
 teacher that also trains a proposal network).
@@ -82,7 +83,8 @@ def caption_loader(config, tokenizer, records, *, batch_size: int, num_epochs=No
             return {"caption_tokens": tokenizer([text])[0]}
 
     return make_caption_loader(
-        records, batch_size=per_process, image_size=config.data.image_size, tokenize=tokenize,
+        records, batch_size=per_process,
+        image_size=int(config.image_text.image_size or config.data.image_size), tokenize=tokenize,
         train=True, seed=config.seed, hflip=bool(config.image_text.hflip),
         num_epochs=num_epochs, shard_index=jax.process_index(),
         shard_count=jax.process_count(),
