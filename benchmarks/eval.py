@@ -9,10 +9,14 @@ JSON files:
   LVIS-style:     5,000 images (default) or 20,000 (--full), 1,203 categories with r/c/f
                   frequencies and federated negatives, 300 detections per image.
 
-    python benchmarks/eval.py [--full] [--skip coco|lvis] [--out benchmarks/results_eval_cpu.md]
+    python benchmarks/eval.py [--full] [--skip coco|lvis] [--repeats 5]
+                              [--out benchmarks/results_eval_cpu.md]
 
-Prints a table of seconds and speed-up ratios (reference / ours), and the largest difference
-between our metrics and the reference's (pycocotools for COCO, lvis-api for LVIS).
+Every tool is run `--repeats` times, ours and the peers alternating within a repeat, so a change
+of machine load hits all of them alike. Prints a table of seconds (median and min-max over the
+repeats) and speed-up ratios (reference / ours: median and range of the per-repeat ratios), and
+the largest difference between our metrics and the reference's (pycocotools for COCO, lvis-api
+for LVIS).
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _bench
+
+ROOT = _bench.ROOT
 
 _CHILD = {
     "ours_coco": """
@@ -80,7 +85,6 @@ res = {"AP": float(e.stats[0])}
 
 def _make_sets(cache: str, lvis_images: int) -> dict:
     """Writes the synthetic sets (once) and returns {name: (gt_path, dt_path, description)}."""
-    sys.path.insert(0, ROOT)
     from ovd_jax.evaluation.random_sets import random_coco
 
     specs = {
@@ -142,7 +146,10 @@ def main() -> None:
     ap.add_argument("--skip", choices=["coco", "lvis"], action="append", default=[])
     ap.add_argument("--cache", default=os.path.join("/tmp", "ovd_jax_eval_bench"))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results_eval_cpu.md"))
+    _bench.add_repeat_args(ap)
     args = ap.parse_args()
+    _bench.check_repeats(args.repeats)
+    load_before = _bench.load_average()
     lvis_images = args.lvis_images or (20000 if args.full else 5000)
     sets = _make_sets(args.cache, lvis_images)
 
@@ -156,31 +163,43 @@ def main() -> None:
             continue
         gt_path, dt_path, desc = sets[name]
         print(f"\n[{name}] {desc}", flush=True)
-        t_ours, m_ours = _run_child(ours_tool, gt_path, dt_path)
-        print(f"  ours: {t_ours:.1f} s", flush=True)
+        times = {tool: [] for tool in (ours_tool, *peers)}
+        diffs = {}
+        for rep in range(args.repeats):
+            t_ours, m_ours = _run_child(ours_tool, gt_path, dt_path)
+            times[ours_tool].append(t_ours)
+            print(f"  repeat {rep + 1}/{args.repeats} ours: {t_ours:.1f} s", flush=True)
+            for peer in peers:
+                t_peer, m_peer = _run_child(peer, gt_path, dt_path)
+                times[peer].append(t_peer)
+                exact = peer in ("pycocotools", "lvis_api")
+                diff = max(abs(m_ours[k] - v) for k, v in m_peer.items()) if exact else None
+                if diff is not None:
+                    diffs[peer] = max(diff, diffs.get(peer, 0.0))
+                note = f", max |ours - {peer}| = {diff:.1e}" if exact else ""
+                print(f"  repeat {rep + 1}/{args.repeats} {peer}: {t_peer:.1f} s  ratio "
+                      f"{t_peer / t_ours:.1f}x{note}", flush=True)
         for peer in peers:
-            t_peer, m_peer = _run_child(peer, gt_path, dt_path)
-            exact = peer in ("pycocotools", "lvis_api")
-            diff = max(abs(m_ours[k] - v) for k, v in m_peer.items()) if exact else None
-            note = f", max |ours - {peer}| over {len(m_peer)} metrics = {diff:.1e}" if exact else ""
-            print(f"  {peer}: {t_peer:.1f} s  ratio {t_peer / t_ours:.1f}x{note}", flush=True)
-            rows.append((name, desc, peer, t_peer, t_ours, diff))
+            rows.append((name, peer, times[peer], times[ours_tool], diffs.get(peer)))
 
-    cpu = platform.processor() or platform.machine()
     lines = [
         "# Evaluation speed (CPU)",
         "",
-        f"`python benchmarks/eval.py{' --full' if args.full else ''}` on {os.cpu_count()} CPU "
-        f"cores ({cpu}), Python {platform.python_version()}. Whole process per tool (fresh "
-        "interpreter, imports, JSON loading, evaluation), same run, same files.",
+        f"`{_bench.command_line()}`",
+        "",
+        f"{_bench.machine(load_before)}. Whole process per tool (fresh interpreter, imports, "
+        f"JSON loading, evaluation), same files; median (min-max) over {args.repeats} repeats.",
         "",
         "| set | tool | seconds | ours (s) | speed-up | max abs diff vs ours |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for name, _desc, peer, t_peer, t_ours, diff in rows:
+    for name, peer, t_peer, t_ours, diff in rows:
         d = "not compared" if diff is None else f"{diff:.1e}"
+        ratios = [a / b for a, b in zip(t_peer, t_ours)]
         lines.append(
-            f"| {name} | {peer} | {t_peer:.1f} | {t_ours:.1f} | {t_peer / t_ours:.1f}x | {d} |"
+            f"| {name} | {peer} | {_bench.median_range(t_peer, '{:.1f}')} | "
+            f"{_bench.median_range(t_ours, '{:.1f}')} | "
+            f"{_bench.median_range(ratios, '{:.1f}')}x | {d} |"
         )
     lines += ["", "Sets:"] + [f"- {n}: {sets[n][2]}" for n in plan if n not in args.skip]
     text = "\n".join(lines) + "\n"

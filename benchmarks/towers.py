@@ -8,23 +8,28 @@ float32` turns it off on both sides, which is the fair setting on CPUs without b
 mean of the squared image embedding, gradients w.r.t. all parameters (no optimizer update), batch
 norm statistics frozen (ours: FrozenBatchNorm; torch: eval mode), synthetic NHWC/NCHW images.
 
+One measurement is `--steps` timed steps after the warm-up; each tower is measured `--repeats`
+times, ours and the peer alternating, so a change of machine load hits both sides of a repeat
+alike. The table shows the median (min-max) over repeats, and the ratio as the median (range) of
+the per-repeat ratios.
+
 FLOPs per image come from XLA's cost analysis of our compiled forward pass, times 3 for
 forward+backward (the usual MFU convention); MFU = achieved FLOP/s / the device's peak bf16 dense
 FLOP/s (a table of known GPUs, or `--peak-tflops`). On CPU there is no meaningful peak unless you
 pass one.
 
     python benchmarks/towers.py                      # GPU: batch 256 (ViT) / 256 (RN50)
-    python benchmarks/towers.py --batch 2 --steps 2 --out benchmarks/results_towers_cpu.md
+    python benchmarks/towers.py --batch 2 --steps 2 --dtype float32 --repeats 5 \\
+        --out benchmarks/results_towers_cpu.md
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import statistics
 import time
 
-import jax
-import jax.numpy as jnp
+import _bench
 
 # Dense bf16 peak FLOP/s by device-name fragment (vendor datasheets, without sparsity).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12,
@@ -48,8 +53,12 @@ def _cost_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def time_jax(name: str, size: int, batch: int, steps: int, warmup: int, dtype):
-    """Returns (images/s, forward FLOPs per image or None)."""
+def jax_step(name: str, size: int, batch: int, dtype):
+    """Returns (one forward+backward step: () -> None, blocking; forward FLOPs/image or None)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
     if name == "ViT-B/16":
         from ovd_jax.models.clip_vit import clip_vit
 
@@ -58,8 +67,6 @@ def time_jax(name: str, size: int, batch: int, steps: int, warmup: int, dtype):
         from ovd_jax.models.clip_resnet import clip_resnet
 
         model = clip_resnet("RN50", dtype=dtype)
-    import flax.linen as nn
-
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
     variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), x))
     params = variables["params"]
@@ -69,20 +76,14 @@ def time_jax(name: str, size: int, batch: int, steps: int, warmup: int, dtype):
         out = model.apply({"params": p, **rest}, x)
         return jnp.mean(jnp.square(out.astype(jnp.float32)))
 
-    step = jax.jit(jax.grad(loss))
+    grad = jax.jit(jax.grad(loss))
     fwd = jax.jit(lambda p, x: model.apply({"params": p, **rest}, x))
     flops = _cost_flops(fwd.lower(params, x[:1]).compile())
-    for _ in range(warmup):
-        jax.block_until_ready(step(params, x))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        g = step(params, x)
-    jax.block_until_ready(g)
-    return batch * steps / (time.perf_counter() - t0), flops
+    return lambda: jax.block_until_ready(grad(params, x)), flops
 
 
-def time_torch(name: str, size: int, batch: int, steps: int, warmup: int, bf16: bool):
-    """Returns images/s of the PyTorch peer (eager)."""
+def torch_step(name: str, size: int, batch: int, bf16: bool):
+    """One forward+backward step of the PyTorch peer (eager): () -> None, synchronised."""
     import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,69 +107,96 @@ def time_torch(name: str, size: int, batch: int, steps: int, warmup: int, bf16: 
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
             out = embed(x)
         out.float().square().mean().backward()
+        if dev == "cuda":
+            torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        step()
-    if dev == "cuda":
-        torch.cuda.synchronize()
+    return step
+
+
+def images_per_s(step, batch: int, steps: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    if dev == "cuda":
-        torch.cuda.synchronize()
     return batch * steps / (time.perf_counter() - t0)
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    on_gpu = jax.default_backend() == "gpu"
-    ap.add_argument("--batch", type=int, default=256 if on_gpu else 2)
-    ap.add_argument("--steps", type=int, default=20 if on_gpu else 2)
-    ap.add_argument("--warmup", type=int, default=3 if on_gpu else 1)
+    ap.add_argument("--batch", type=int, default=None, help="default 256 on GPU, 2 on CPU")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per measurement (default 20 on GPU, 2 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="default 3 on GPU, 1 on CPU")
+    _bench.add_repeat_args(ap)
     ap.add_argument("--size", type=int, default=224, help="image side (a multiple of 32)")
     ap.add_argument("--models", default="ViT-B/16,RN50")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    _bench.check_repeats(args.repeats)
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    load_before = _bench.load_average()
+    import jax
+    import jax.numpy as jnp
     import torch
 
+    on_gpu = jax.default_backend() == "gpu"
+    batch = args.batch or (256 if on_gpu else 2)
+    steps = args.steps or (20 if on_gpu else 2)
+    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     kind = jax.devices()[0].device_kind
     torch_dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     peak = device_peak(kind, args.peak_tflops)
     peak_text = f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown"
+
+    results = []
+    for name in args.models.split(","):
+        ours_step, fwd_flops = jax_step(name, args.size, batch, jnp.dtype(args.dtype))
+        peer_step = torch_step(name, args.size, batch, args.dtype == "bfloat16")
+        for _ in range(warmup):
+            ours_step()
+            peer_step()
+        ours, theirs = [], []
+        for rep in range(args.repeats):
+            ours.append(images_per_s(ours_step, batch, steps))
+            theirs.append(images_per_s(peer_step, batch, steps))
+            print(f"{name} repeat {rep + 1}/{args.repeats}: ours {ours[-1]:.3g} img/s, "
+                  f"peer {theirs[-1]:.3g} img/s", flush=True)
+        results.append((name, ours, theirs, 3 * fwd_flops if fwd_flops else None))
+
     header = (
-        f"Device: JAX {jax.__version__} on {jax.default_backend()} ({kind}); torch "
-        f"{torch.__version__} on {torch_dev}; host {platform.processor() or platform.machine()}, "
-        f"{jax.device_count()} JAX device(s). Batch {args.batch}, {args.size}px, "
-        f"{args.steps} timed steps after {args.warmup} warm-up; {args.dtype} compute, fp32 params, "
-        f"forward+backward (no optimizer). Peak bf16: {peak_text}.\n"
+        f"`{_bench.command_line()}`\n\n"
+        f"JAX {jax.__version__} on {jax.default_backend()} ({kind}), {jax.device_count()} JAX "
+        f"device(s); torch {torch.__version__} on {torch_dev}; {_bench.machine(load_before)}. "
+        f"Batch {batch}, {args.size}px, {args.dtype} compute, fp32 params, forward+backward "
+        f"(no optimizer); each figure: median (min-max) over {args.repeats} repeats of {steps} "
+        f"timed steps, after {warmup} warm-up. Peak bf16: {peak_text}.\n"
     )
     rows = ["| tower | ours img/s | peer | peer img/s | ours / peer | GFLOP/img (fwd+bwd) "
             "| ours TFLOP/s | ours MFU | peer MFU |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for name in args.models.split(","):
-        ours, fwd_flops = time_jax(name, args.size, args.batch, args.steps, args.warmup,
-                                   jnp.dtype(args.dtype))
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    fmt = lambda v, f: f.format(v) if v is not None else "n/a"
+    for name, ours, theirs, flops in results:
+        o, t = statistics.median(ours), statistics.median(theirs)
         peer_name = "HF CLIPVisionModel" if name == "ViT-B/16" else "open_clip RN50.visual"
-        theirs = time_torch(name, args.size, args.batch, args.steps, args.warmup,
-                            args.dtype == "bfloat16")
-        flops = 3 * fwd_flops if fwd_flops else None
-        fmt = lambda v, f: f.format(v) if v is not None else "n/a"
-        tflops = ours * flops / 1e12 if flops else None
-        mfu = ours * flops / peak if (flops and peak) else None
-        peer_mfu = theirs * flops / peak if (flops and peak) else None
+        tflops = o * flops / 1e12 if flops else None
+        mfu = o * flops / peak if (flops and peak) else None
+        peer_mfu = t * flops / peak if (flops and peak) else None
         rows.append(
-            f"| {name} | {ours:.2f} | {peer_name} | {theirs:.2f} | {ours / theirs:.2f} | "
+            f"| {name} | {_bench.median_range(ours)} | {peer_name} | "
+            f"{_bench.median_range(theirs)} | "
+            f"{_bench.median_range([a / b for a, b in zip(ours, theirs)])} | "
             f"{fmt(flops and flops / 1e9, '{:.1f}')} | {fmt(tflops, '{:.3f}')} | "
             f"{fmt(mfu, '{:.1%}')} | {fmt(peer_mfu, '{:.1%}')} |"
         )
-        print(rows[-1], flush=True)
     text = header + "\n" + "\n".join(rows) + "\n"
     print(text)
     if args.out:
-        with open(args.out, "a") as f:
+        with open(args.out, "a", encoding="utf-8") as f:
             f.write(text)
 
 

@@ -93,6 +93,20 @@ def load_pretrained(path: str) -> Pretrained:
     return _load_cached(path, stamp)
 
 
+def describe_source(pretrained: Pretrained) -> str:
+    """A few words on where weights came from, e.g. 'training workdir, step 800, method
+    regionclip' or 'converted CLIP checkpoint (resnet)'."""
+    if pretrained.kind == "workdir":
+        method = pretrained.config.get("method")
+        return f"training workdir, step {pretrained.step}" + (f", method {method}"
+                                                               if method else "")
+    cfg = pretrained.config
+    kind = cfg.get("type") or ("clip" if "vision" in cfg and "text" in cfg else None)
+    detail = cfg.get("variant") or cfg.get("arch") or (cfg.get("vision") or {}).get("type")
+    text = f"converted {kind.upper() if kind == 'clip' else kind or 'unknown'} checkpoint"
+    return text + (f" ({detail})" if detail else "")
+
+
 def towers(variables: dict, names=TOWERS) -> dict:
     """The subtrees `names` of every collection (collections without them are dropped)."""
     out = {}
@@ -108,19 +122,23 @@ def merge_pretrained_towers(variables: dict, checkpoint: str, names=None) -> dic
     `checkpoint` (a converted checkpoint folder or a training workdir), placed with the same
     shardings. `names` defaults to the "towers" a converted checkpoint's config.json lists (a
     GLIP import lists the whole detector), else TOWERS. Raises ValueError listing missing /
-    shape-mismatched keys, or when none of the subtrees exists in the model."""
+    shape-mismatched keys, or when none of the subtrees exists in the model. On success prints
+    one line (process 0): the source, how many arrays / parameters were loaded, and which
+    subtrees keep their initialisation."""
     pretrained = load_pretrained(checkpoint)
     loaded = pretrained.variables
     if names is None:
         names = TOWERS
         if pretrained.kind == "converted" and pretrained.config.get("towers"):
             names = tuple(pretrained.config["towers"])
-    problems, merged, copied = [], {}, 0
+    problems, merged, copied, copied_params, kept, used = [], {}, 0, 0, set(), 0
     for collection, tree in variables.items():
         flat = flax.traverse_util.flatten_dict(tree)
         src = flax.traverse_util.flatten_dict(loaded.get(collection, {}))
+        used += sum(1 for key in src if key[0] in names)
         for key, value in flat.items():
             if key[0] not in names:
+                kept.add(key[0])
                 continue
             if key not in src:
                 problems.append(f"missing {collection}/{'/'.join(key)}")
@@ -132,6 +150,7 @@ def merge_pretrained_towers(variables: dict, checkpoint: str, names=None) -> dic
             else:
                 flat[key] = jax.device_put(np.asarray(src[key], value.dtype), value.sharding)
                 copied += 1
+                copied_params += int(np.size(value)) if collection == "params" else 0
         merged[collection] = flax.traverse_util.unflatten_dict(flat)
     if not copied and not problems:
         raise ValueError(f"pretrained weights {checkpoint} hold none of the model's "
@@ -144,4 +163,13 @@ def merge_pretrained_towers(variables: dict, checkpoint: str, names=None) -> dic
             "checkpoint's architecture (config.model.vision / text and their overrides, "
             "config.text.context_length)."
         )
+    if jax.process_index() == 0:
+        # One start-up line (printed, as the entry points log at WARNING only): what was loaded.
+        unused = used - copied
+        print(f"init_checkpoint {checkpoint} ({describe_source(pretrained)}): loaded "
+              f"{copied} arrays ({copied_params / 1e6:.2f}M parameters) into "
+              f"{'/'.join(n for n in names if any(n in t for t in merged.values()))}; "
+              f"0 missing, 0 shape-mismatched, {unused} checkpoint arrays in those subtrees "
+              f"unused; kept at initialisation: {', '.join(sorted(kept)) or 'nothing'}.",
+              flush=True)
     return merged
