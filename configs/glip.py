@@ -263,9 +263,11 @@ def demo_config(c: ml_collections.ConfigDict, *, smoke: bool = False
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 1e-4
     c.optim.grad_clip_norm = 5.0
-    c.train.steps = 600
+    # 2000 steps: base / novel AP50 0.674 / 0.413 (600 steps: 0.538 / 0.230; 1200: 0.562 /
+    # 0.250), grounding recall@1 0.944.
+    c.train.steps = 2000
     c.train.batch_size = 16
-    c.train.checkpoint_every = 300
+    c.train.checkpoint_every = 1000
     c.eval.score_threshold = 0.0
     c.eval.nms_threshold = 0.6
     c.eval.pre_nms_topk = 300
