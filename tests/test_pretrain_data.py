@@ -162,7 +162,7 @@ def test_synthetic_image_text_records_and_concepts(tmp_path):
     resolve_data_paths(config)
     recs = image_text.image_text_records(config)
     assert len(recs) == 4 * config.data.synthetic_num_train
-    assert all(len(r["captions"]) == 2 and os.path.isfile(r["path"]) for r in recs)
+    assert all(len(r["captions"]) == 3 and os.path.isfile(r["path"]) for r in recs)
     pool = image_text.concept_pool(config, recs)
     assert "grey background" in pool and any("cross" in p for p in pool)
     path = tmp_path / "pool.txt"

@@ -24,7 +24,7 @@ category list and each image's `neg_category_ids` grow).
     root/imagetext/*.png                    image-text split images (no boxes)
     root/annotations/instances_{train,val}.json   COCO instances (+ LVIS-style category fields)
     root/annotations/captions_{train,val}.json    COCO captions, 2 per image
-    root/annotations/captions_imagetext.json      COCO captions of the image-text split, 2 per image
+    root/annotations/captions_imagetext.json      COCO captions of the image-text split, 3 per image
     root/annotations/grounding_train.json   MDETR/GLIP-style flattened phrase grounding
     root/annotations/grounding_val.json     the same for the first num_val validation images
     root/ovd_split.json                     {"base": [...], "novel": [...], "caption_only": [...]}
@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when the generated content changes for the same parameters (invalidates old datasets).
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
@@ -507,8 +507,10 @@ def _caption_only_val_split(
 
 def _imagetext_split(out_dir: str, *, seed: int, num_images: int, image_size: int):
     """The image-text split: every colour x shape (caption-only words included) drawn uniformly,
-    1-3 objects per image of sides 20-96 px at 128 (from scenes to close-ups), two captions
-    each (as the detection splits'), no boxes written. Returns (images, captions)."""
+    1-3 objects per image of sides 20-96 px at 128 (from scenes to close-ups), no boxes
+    written. Three captions each, of two levels of detail as web captions have: the two of the
+    detection splits (colour + shape, with / without the background) and one naming the shapes
+    only. Returns (images, captions)."""
     img_dir = os.path.join(out_dir, "imagetext")
     os.makedirs(img_dir, exist_ok=True)
     images, caps = [], []
@@ -521,7 +523,8 @@ def _imagetext_split(out_dir: str, *, seed: int, num_images: int, image_size: in
         image_id = _IMAGETEXT_FIRST_ID + i
         file_name = f"imagetext_{image_id:08d}.png"
         _, texts = _write_image(os.path.join(img_dir, file_name),
-                                np.random.default_rng([seed, 3, 2, i]), image_size, layout, names)
+                                np.random.default_rng([seed, 3, 2, i]), image_size, layout, names,
+                                shape_caption=True)
         images.append({"id": image_id, "file_name": file_name, "height": image_size,
                        "width": image_size})
         for t in texts:
@@ -529,12 +532,18 @@ def _imagetext_split(out_dir: str, *, seed: int, num_images: int, image_size: in
     return images, caps
 
 
-def _write_image(path: str, rng, image_size: int, layout: list[tuple], names: list[str]):
-    """Renders and saves one image; returns (tight boxes, its two captions)."""
+def _write_image(path: str, rng, image_size: int, layout: list[tuple], names: list[str],
+                 shape_caption: bool = False):
+    """Renders and saves one image; returns (tight boxes, its captions): the two of
+    `_captions`, plus with `shape_caption` a third naming only the shapes ("a picture of a
+    cross and a star.")."""
     pixels, tight, bg = _render(rng, image_size, layout, [tuple(n.split(" ")) for n in names])
     Image.fromarray(pixels).save(path, format="PNG", compress_level=6)
     order = sorted(range(len(names)), key=lambda k: (tight[k][0] + tight[k][2], k))
     texts, _ = _captions([names[k] for k in order], bg)
+    if shape_caption:
+        shapes, _ = _join_phrases([names[k].split(" ")[1] for k in order])
+        texts.append(f"a picture of {shapes}.")
     return tight, texts
 
 
