@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.axes = ("data", "fsdp", "model")
     c.sharding = ml_collections.ConfigDict()
     c.sharding.rules = DEFAULT_SHARDING_RULES
+    # Parameters with fewer elements are replicated; a mesh axis is also skipped on any
+    # dimension it does not divide (ovd_jax/training/sharding.py: fit_spec).
+    c.sharding.min_shard_size = 1 << 14
 
     c.optim = ml_collections.ConfigDict()
     # "adamw" or "sgd" (momentum, coupled weight decay); see ovd_jax/training/optimizer.py.

@@ -285,9 +285,10 @@ def demo_config(c: ml_collections.ConfigDict, *, no_image_text: bool = False,
         {"detection": 16, "grounding": 16, "image_text": 32})
     t.batch_size = 16
     t.schedule = ("detection", "image_text", "grounding", "image_text")
-    t.steps = 800
+    # 2000 steps = 500 detection + 500 grounding + 1000 image-text batches.
+    t.steps = 2000
     t.log_every = 50
-    t.checkpoint_every = 400
+    t.checkpoint_every = 1000
     if no_image_text:
         # No caption data at all: grounding negatives come from the grounding phrases only.
         d.negative_dictionary = "grounding"

@@ -126,6 +126,9 @@ def coco_data() -> ml_collections.ConfigDict:
     d.synthetic_num_train = 600
     d.synthetic_num_val = 150
     d.synthetic_image_size = 128
+    # A missing / unreadable image: "error" stops with its name; "skip" drops it from training
+    # (an evaluation batch pads its slot), logs each file once and counts them.
+    d.on_bad_image = "error"
     d.train_instances = "data/coco/annotations/instances_train2017.json"
     d.train_images = "data/coco/train2017"
     d.val_instances = "data/coco/annotations/instances_val2017.json"

@@ -87,8 +87,8 @@ def demo_teacher(c: ml_collections.ConfigDict, *, smoke: bool) -> ml_collections
     c.method = "clip"
     c.image_text = image_text_data()
     c.image_text.batch_size = 64
-    # Image-text pairs at the detector's 128 px (image_text.image_size 0). Measured on the demo
-    # chain: a teacher at 96 px (CLIP-like low resolution) transferred worse.
+    # Image-text pairs at the detector's 128 px (image_text.image_size 0; a lower size, as
+    # CLIP's 224 px for RegionCLIP's 800 px student, is a config choice).
     c.image_text.image_size = 0
     c.clip = clip_settings()
     # 128 px inputs give an 8 x 8 res4 map, regions are read on 6 x 6: train on that grid.

@@ -36,16 +36,25 @@ def draw_detections(
     if ground_truth is not None:
         for b in np.asarray(ground_truth, np.float64) * upscale:
             draw.rectangle(list(b), outline=(255, 255, 255), width=1)
-    order = np.argsort(-np.asarray(scores))
+    order = [i for i in np.argsort(-np.asarray(scores)) if scores[i] >= score_threshold]
     for i in order:
-        if scores[i] < score_threshold:
-            continue
+        b = np.asarray(boxes[i], np.float64) * upscale
+        draw.rectangle(list(b), outline=_colour(int(classes[i])), width=2)
+    # Labels after all boxes (no outline crosses a label), best score first, each moved down
+    # in 11 px steps until it overlaps no earlier label: touching boxes keep readable labels.
+    placed: list[tuple[float, float, float, float]] = []
+    for i in order:
         b = np.asarray(boxes[i], np.float64) * upscale
         c = _colour(int(classes[i]))
-        draw.rectangle(list(b), outline=c, width=2)
         label = f"{class_names[int(classes[i])]} {scores[i]:.2f}"
         tw = draw.textlength(label)
         y = max(b[1] - 11, 0)
+        for _ in range(64):
+            if not any(b[0] < r[2] and r[0] < b[0] + tw + 2 and y < r[3] and r[1] < y + 11
+                       for r in placed):
+                break
+            y += 11
+        placed.append((b[0], y, b[0] + tw + 2, y + 11))
         draw.rectangle([b[0], y, b[0] + tw + 2, y + 11], fill=c)
         draw.text((b[0] + 1, y), label, fill=(0, 0, 0))
     return img

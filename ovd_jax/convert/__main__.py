@@ -11,6 +11,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 
+from ovd_jax.convert import common
 from ovd_jax.convert.clip import convert_clip
 from ovd_jax.convert.common import save_checkpoint
 
@@ -64,12 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="output folder (our format)")
     parser.add_argument("--model", default=None,
                         help="model name, e.g. an open_clip name such as RN50-quickgelu")
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="UNSAFE: fully unpickle a checkpoint that holds more than tensors "
+                             "(runs any code the file holds); only for files you trust")
     args = parser.parse_args(argv)
+    previous = common.ALLOW_PICKLE
+    common.ALLOW_PICKLE = args.allow_pickle
     try:
         out = CONVERTERS[args.format](args.input, args.output, args.model)
     except ValueError as e:  # bad input: one clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        common.ALLOW_PICKLE = previous
     print(f"wrote {out}")
     return 0
 

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -41,15 +40,8 @@ def _to_numpy(value) -> np.ndarray:
         if value.is_floating_point():
             value = value.float()  # fp16/bf16 releases -> float32 (numpy has no bfloat16)
         return value.numpy()
-    return np.asarray(value)
-
-
-def _is_torchscript(path: str) -> bool:
-    """TorchScript archives are zip files holding `<root>/constants.pkl` and `<root>/code/`."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("/constants.pkl") for n in z.namelist())
+    value = np.asarray(value)
+    return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
 
 
 def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
@@ -67,53 +59,60 @@ def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
     return obj
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Read a checkpoint into {key: np.ndarray} (floating tensors as float32).
+# Module default for `read_state_dict(allow_pickle=None)`; the convert CLI's --allow_pickle sets
+# it (the importers call read_state_dict several layers down).
+ALLOW_PICKLE = False
+
+
+def read_state_dict(path: str, *, allow_pickle: bool | None = None) -> dict[str, np.ndarray]:
+    """Read a checkpoint into {key: np.ndarray} (floating tensors as float32), running no code
+    from the file.
 
     Accepts `.safetensors`, torch pickles (`.pt`, `.pth`, `.bin`, possibly wrapped in
-    {'model': ...} as detectron2 saves them), TorchScript archives (OpenAI's CLIP releases), or a
+    {'model': ...} as detectron2 saves them, numpy arrays included), TorchScript archives
+    (OpenAI's CLIP releases: their tensor records are read, their code is never run), or a
     folder holding `model.safetensors` / `pytorch_model.bin` (sharded ones with their index).
-    Torch pickles are first read with `weights_only=True`; a detectron2 checkpoint with other
-    Python objects in it falls back to a full unpickle, which runs code from the file: only load
-    checkpoints you trust.
+    Torch pickles are read with `weights_only=True`; one holding other Python objects is refused
+    with a ValueError naming the file and the object. `allow_pickle=True` (default:
+    `ALLOW_PICKLE`, set by the convert CLI's --allow_pickle) falls back to a full unpickle, with
+    a warning: that runs whatever code the file holds.
     """
+    from ovd_jax.convert import safe_load  # noqa: PLC0415
+
+    allow = ALLOW_PICKLE if allow_pickle is None else allow_pickle
     path = os.fspath(path)
     if os.path.isdir(path):
-        return _read_folder(path)
+        return _read_folder(path, allow)
     if not os.path.exists(path):
         raise ValueError(f"Checkpoint {path} does not exist.")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file  # noqa: PLC0415
 
         return {k: _to_numpy(v) for k, v in load_file(path).items()}
-    import torch  # noqa: PLC0415
-
-    if _is_torchscript(path):
-        sd = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - any unpickling refusal: retry without the allow-list
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as e:  # noqa: BLE001
-                raise ValueError(f"Cannot read {path} as a PyTorch checkpoint: {e}") from e
-        sd = _unwrap(obj, path)
+    try:
+        if safe_load.is_torchscript(path):
+            return {k: _to_numpy(v) for k, v in safe_load.read_torchscript_tensors(path).items()}
+        obj = safe_load.torch_load_tensors(path)
+    except ValueError:
+        if not allow:
+            raise
+        obj = safe_load.full_unpickle(path)
+    sd = _unwrap(obj, path)
     return {k: _to_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}
 
 
-def _read_folder(path: str) -> dict[str, np.ndarray]:
+def _read_folder(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
     for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
                  "open_clip_pytorch_model.bin"):
         if os.path.exists(os.path.join(path, name)):
-            return read_state_dict(os.path.join(path, name))
+            return read_state_dict(os.path.join(path, name), allow_pickle=allow_pickle)
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if os.path.exists(os.path.join(path, index)):
             with open(os.path.join(path, index)) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             out: dict[str, np.ndarray] = {}
             for shard in shards:
-                out.update(read_state_dict(os.path.join(path, shard)))
+                out.update(read_state_dict(os.path.join(path, shard), allow_pickle=allow_pickle))
             return out
     raise ValueError(f"Folder {path} holds no model.safetensors or pytorch_model.bin.")
 

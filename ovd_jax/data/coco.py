@@ -55,6 +55,23 @@ def _preview(ids: list[int], n: int = 10) -> str:
     return str(ids[:n])[:-1] + (", ...]" if len(ids) > n else "]")
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool)
+
+
+def _hashable(v) -> bool:
+    return isinstance(v, int | str | float | None) and not isinstance(v, bool)
+
+
+def _int_field(entry, key: str, source: str, where: str) -> int:
+    """entry[key] as an int; ValueError naming the entry when it is not a dict with an int."""
+    value = entry.get(key) if isinstance(entry, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{source!r}: {where} = {entry!r:.80} has no integer {key!r}; every "
+                         f"entry needs one (COCO format).")
+    return value
+
+
 def load_json(path: str, what: str) -> dict:
     """Reads a JSON annotation file; a missing or malformed file is a ValueError naming it."""
     if not os.path.isfile(path):
@@ -93,64 +110,108 @@ def build_dataset(
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise ValueError(f"{source!r} has no '{key}' list; it is not a COCO instances file.")
-    categories = sorted(data["categories"], key=lambda c: c["id"])
+    categories = []
+    for i, cat in enumerate(data["categories"]):
+        cid = _int_field(cat, "id", source, f"categories[{i}]")
+        name = cat.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{source!r}: category id {cid} has name={name!r}; every category "
+                             "needs a non-empty string 'name' (it becomes the text prompt).")
+        categories.append(cat)
+    categories.sort(key=lambda c: c["id"])
     if not categories:
         raise ValueError(
             f"{source!r} has an empty 'categories' list: the detector needs at least one class. "
             "Add the categories to the annotation file (or set config.data.class_names)."
         )
     cat_ids = [int(c["id"]) for c in categories]
-    if len(set(cat_ids)) != len(cat_ids):
-        raise ValueError(f"{source!r} has duplicate category ids; each category needs its own id.")
+    dup = sorted({c for c in cat_ids if cat_ids.count(c) > 1})
+    if dup:
+        raise ValueError(f"{source!r} has duplicate category ids {dup[:10]}; each category needs "
+                         "its own id - renumber them.")
+    names = [c["name"] for c in categories]
+    dup_names = sorted({n for n in names if names.count(n) > 1})
+    if dup_names:
+        raise ValueError(f"{source!r} has several categories named {dup_names[:10]}; names must "
+                         "be unique (they are the prompts) - merge or rename them.")
     cat_id_to_index = {cid: k for k, cid in enumerate(cat_ids)}
 
+    def name_of(img: dict) -> str:
+        try:
+            name = file_name_of(img)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{source!r}: image id {img.get('id')!r} has no usable file name "
+                             f"({type(e).__name__}: {e}); add its 'file_name'.") from None
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{source!r}: image id {img.get('id')!r} has file name {name!r}; "
+                             "it must be a non-empty path relative to the image folder.")
+        return name
+
     images: dict[int, dict] = {}
-    for img in data["images"]:
-        iid = int(img["id"])
+    for i, img in enumerate(data["images"]):
+        iid = _int_field(img, "id", source, f"images[{i}]")
         if iid in images:
             raise ValueError(f"{source!r}: image id {iid} appears twice; image ids must be unique.")
         h, w = img.get("height"), img.get("width")
-        if not isinstance(h, int | float) or not isinstance(w, int | float) or h <= 0 or w <= 0:
+        if not _is_number(h) or not _is_number(w) or not (0 < h < 1e6 and 0 < w < 1e6):
             raise ValueError(
-                f"{source!r}: image id {iid} ({file_name_of(img)!r}) has height={h!r}, "
+                f"{source!r}: image id {iid} ({name_of(img)!r}) has height={h!r}, "
                 f"width={w!r}; both must be positive numbers of pixels."
             )
+        name_of(img)
         images[iid] = img
 
     per_image: dict[int, list[dict]] = {iid: [] for iid in images}
-    for ann in data["annotations"]:
+    ann_ids: set = set()
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise ValueError(f"{source!r}: annotations[{i}] = {ann!r:.80} is not a JSON object; "
+                             "each annotation needs id, image_id, category_id and bbox.")
         aid = ann.get("id")
+        if aid is not None:
+            if not isinstance(aid, int | str) or isinstance(aid, bool):
+                raise ValueError(f"{source!r}: annotations[{i}] has id {aid!r:.40}; annotation "
+                                 "ids must be integers.")
+            if aid in ann_ids:
+                raise ValueError(f"{source!r}: annotation id {aid} appears twice; annotation ids "
+                                 "must be unique - renumber the annotations.")
+            ann_ids.add(aid)
         iid = ann.get("image_id")
-        if iid not in per_image:
+        if not _hashable(iid) or iid not in per_image:
             raise ValueError(
-                f"{source!r}: annotation id {aid} refers to image id {iid}, which is not in "
-                "'images'; remove the annotation or add its image."
+                f"{source!r}: annotation id {aid} refers to image id {iid!r:.40}, which is not "
+                "in 'images'; remove the annotation or add its image."
             )
         cid = ann.get("category_id")
-        if cid not in cat_id_to_index:
+        if not _hashable(cid) or cid not in cat_id_to_index:
             raise ValueError(
-                f"{source!r}: annotation id {aid} (image id {iid}) has category id {cid}, which "
-                f"is not in 'categories' (known ids: {_preview(cat_ids)}); "
+                f"{source!r}: annotation id {aid} (image id {iid}) has category id {cid!r:.40}, "
+                f"which is not in 'categories' (known ids: {_preview(cat_ids)}); "
                 "fix the category id or add the category."
             )
         bbox = ann.get("bbox")
         img = images[iid]
-        if not isinstance(bbox, list | tuple) or len(bbox) != 4:
-            raise ValueError(f"{source!r}: annotation id {aid} has bbox={bbox!r}; expected "
-                             "[x, y, width, height] in pixels.")
+        if not (isinstance(bbox, list | tuple) and len(bbox) == 4 and all(map(_is_number, bbox))):
+            raise ValueError(f"{source!r}: annotation id {aid} has bbox={bbox!r:.80}; expected "
+                             "4 numbers [x, y, width, height] in pixels.")
         x, y, bw, bh = (float(v) for v in bbox)
+        if not np.isfinite([x, y, bw, bh]).all():
+            raise ValueError(
+                f"{source!r}: annotation id {aid} (image {name_of(img)!r}) has bbox {list(bbox)} "
+                "with a NaN or infinite value; fix or remove the annotation."
+            )
         if not (bw > 0 and bh > 0):
             raise ValueError(
-                f"{source!r}: annotation id {aid} (image {file_name_of(img)!r}) has bbox "
+                f"{source!r}: annotation id {aid} (image {name_of(img)!r}) has bbox "
                 f"{list(bbox)} with non-positive width/height; boxes are [x, y, width, height] "
                 "with width, height > 0 - fix or remove the annotation."
             )
         W, H = float(img["width"]), float(img["height"])
         tol = BOX_TOLERANCE_PX
-        if x < 0 or y < 0 or x + bw > W + tol or y + bh > H + tol or not np.isfinite(x + y):
+        if x < 0 or y < 0 or x + bw > W + tol or y + bh > H + tol:
             raise ValueError(
                 f"{source!r}: annotation id {aid} box [x, y, w, h]={list(bbox)} lies outside its "
-                f"image {file_name_of(img)!r} of size width={img['width']}, "
+                f"image {name_of(img)!r} of size width={img['width']}, "
                 f"height={img['height']}; boxes must be in pixels of that image (are they "
                 "normalised, or is the image size wrong?) - fix the annotation."
             )
@@ -159,7 +220,7 @@ def build_dataset(
     records = []
     missing = []
     for iid, img in images.items():
-        path = os.path.join(image_dir, file_name_of(img))
+        path = os.path.join(image_dir, name_of(img))
         if check_files and not os.path.isfile(path):
             missing.append(path)
             continue

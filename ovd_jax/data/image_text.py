@@ -87,7 +87,7 @@ def caption_loader(config, tokenizer, records, *, batch_size: int, num_epochs=No
         image_size=int(config.image_text.image_size or config.data.image_size), tokenize=tokenize,
         train=True, seed=config.seed, hflip=bool(config.image_text.hflip),
         num_epochs=num_epochs, shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
+        shard_count=jax.process_count(), on_bad_image=config.data.get("on_bad_image", "error"),
     )
 
 

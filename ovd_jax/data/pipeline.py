@@ -18,8 +18,9 @@ Batch keys (B = batch_size, S = image_size, M = max_boxes):
 the caller's `tokenize(caption)` returns (e.g. `input_ids`, `attention_mask`), for image-text
 pretraining (RegionCLIP / DetCLIPv2).
 
-Determinism: the order and the flips depend only on (seed, shard, position), so the same seed
-gives the same batches, and the iterator's `get_state()`/`set_state()` resume exactly.
+Determinism: the order and the flips depend only on (seed, position in the global stream), so
+the same seed gives the same batches whatever the number of processes (each reads its block of
+every global batch), and the iterator's `get_state()`/`set_state()` resume exactly.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ import numpy as np
 from ovd_jax.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
+    SKIPPED_IMAGES,
+    BadImageError,
+    check_bad_image_policy,
     detection_example,
     image_example,
     padding_example,
@@ -78,14 +82,49 @@ class _PaddedShard(Sequence):
         return self._records[self._start + i * self._step] if i < self._real else _PAD
 
 
-def _train_example(index, record, *, seed, shard_index, make):
-    # Randomness is a function of (seed, shard, position in this shard's stream) only, so it is
-    # reproduced exactly after a restart from a saved iterator state.
-    return make(record, np.random.default_rng([seed, shard_index, index]))
+def _train_example(index, record, *, seed, make):
+    # Randomness is a function of (seed, position in the global stream) only, so it is
+    # reproduced exactly after a restart from a saved iterator state, and an image is augmented
+    # the same way whatever the number of processes.
+    return make(record, np.random.default_rng([seed, 0, index]))
+
+
+class _BlockIndices(Sequence):
+    """Global stream positions of one process: block `shard_index` (of `batch_size` positions)
+    of every global batch of `batch_size * shard_count`. The processes' batches, concatenated in
+    process order, are then exactly the global batches a single process would read."""
+
+    def __init__(self, length: int, batch_size: int, shard_index: int, shard_count: int):
+        self._len = length // shard_count
+        self._b, self._i, self._p = batch_size, shard_index, shard_count
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, t: int) -> int:
+        if not 0 <= t < self._len:
+            raise IndexError(t)
+        return (t // self._b) * self._b * self._p + self._i * self._b + t % self._b
+
+
+def _take(dataset, index):
+    return dataset[index]
 
 
 def _eval_example(record, *, make, pad):
-    return pad() if record is _PAD else make(record, None)
+    example = None if record is _PAD else make(record, None)
+    return pad() if example is None else example  # None: a skipped bad image
+
+
+def _skippable(make_example, record, on_bad_image, *args, **kw):
+    """make_example(record, ...), or None (grain drops it) for a bad image under 'skip'."""
+    try:
+        return make_example(record, *args, **kw)
+    except BadImageError as e:
+        if on_bad_image != "skip":
+            raise
+        SKIPPED_IMAGES.add(record.get("path") or f"image_id {record.get('image_id')}", e)
+        return None
 
 
 def _make_loader(records, *, make, pad, batch_size, train, seed, num_epochs, shard_index,
@@ -102,7 +141,8 @@ def _make_loader(records, *, make, pad, batch_size, train, seed, num_epochs, sha
                 raise ValueError(f"num_epochs={num_epochs!r} must be a positive int or None.")
             ds = ds.repeat(num_epochs)
             # Equal-length shards: multi-host steps must agree on the number of batches.
-            total = (len(ds) // shard_count) * shard_count
+            unit = shard_count * batch_size if shard_count > 1 else 1
+            total = (len(ds) // unit) * unit
             if total // shard_count < (batch_size if drop_remainder else 1):
                 raise ValueError(
                     f"{len(records)} images x {num_epochs} epochs over {shard_count} shards give "
@@ -111,10 +151,12 @@ def _make_loader(records, *, make, pad, batch_size, train, seed, num_epochs, sha
             ds = ds[:total]
         else:
             ds = ds.repeat(None)
-        # Shard after the global shuffle: every epoch is reshuffled across all hosts.
-        ds = ds[shard_index::shard_count]
-        ds = ds.map_with_index(functools.partial(
-            _train_example, seed=seed, shard_index=shard_index, make=make))
+        # Augment by global position, then shard after the global shuffle (every epoch is
+        # reshuffled across all hosts): each process reads its block of every global batch.
+        ds = ds.map_with_index(functools.partial(_train_example, seed=seed, make=make))
+        if shard_count > 1:
+            blocks = _BlockIndices(len(ds), batch_size, shard_index, shard_count)
+            ds = grain.MapDataset.source(blocks).map(functools.partial(_take, ds))
     else:
         shard = _PaddedShard(records, shard_index, shard_count, batch_size)
         ds = grain.MapDataset.source(shard).map(
@@ -127,13 +169,16 @@ def _make_loader(records, *, make, pad, batch_size, train, seed, num_epochs, sha
     return ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
 
 
-def _detection(record, rng, *, hflip, extra=None, min_size=None, **kw):
+def _detection(record, rng, *, hflip, extra=None, min_size=None, on_bad_image="error", **kw):
     flip = rng is not None and bool(hflip) and rng.random() < 0.5
     if isinstance(min_size, tuple):
         # Multi-scale training (detectron2 MIN_SIZE_TRAIN_SAMPLING "choice"); drawn after the
         # flip so the flip stream is the same as without it.
         min_size = min_size[int(rng.integers(len(min_size)))] if rng is not None else min_size[-1]
-    example = detection_example(record, flip=flip, min_size=min_size, **kw)
+    example = _skippable(detection_example, record, on_bad_image, flip=flip, min_size=min_size,
+                         **kw)
+    if example is None:
+        return None
     if extra is not None:
         added = extra(example, record, rng)
         clash = set(added) & set(example)
@@ -166,6 +211,7 @@ def make_detection_loader(
     extra=None,
     min_size: int | Sequence[int] | None = None,
     max_size: int | None = None,
+    on_bad_image: str = "error",
 ) -> grain.IterDataset:
     """Builds the detection input pipeline (iterate it; the iterator has get_state/set_state).
 
@@ -191,6 +237,9 @@ def make_detection_loader(
       min_size, max_size: detectron2's shortest-edge resize instead of long side = image_size:
         shorter side = min_size (a sequence: one drawn per training image), longer side at
         most max_size (<= image_size, the canvas). See `resize_options`.
+      on_bad_image: "error" stops at a missing, corrupt or wrongly sized image file with its
+        name; "skip" leaves it out (training) or pads it (evaluation: counted as an image with
+        no detections), logs each file once and counts it in `transforms.SKIPPED_IMAGES`.
     """
     if extra is not None and not train:
         raise ValueError("make_detection_loader: extra= is for training pipelines only.")
@@ -204,7 +253,7 @@ def make_detection_loader(
     make = functools.partial(
         _detection, hflip=hflip, extra=extra, image_size=image_size, max_boxes=max_boxes,
         cat_id_to_index=cat_id_to_index, mean=mean, std=std, truncate=truncate,
-        min_size=min_size, max_size=max_size,
+        min_size=min_size, max_size=max_size, on_bad_image=check_bad_image_policy(on_bad_image),
     )
     pad = functools.partial(padding_example, image_size, max_boxes)
     return _make_loader(
@@ -231,13 +280,13 @@ def resize_options(data_config, *, train: bool) -> dict:
 _IMAGE_KEYS = ("image", "image_id", "scale", "image_hw", "orig_hw", "flipped", "valid")
 
 
-def _caption(record, rng, *, tokenize, hflip, **kw):
+def _caption(record, rng, *, tokenize, hflip, on_bad_image="error", **kw):
     flip = rng is not None and bool(hflip) and rng.random() < 0.5
     captions = record["captions"]
     # Train: a random caption per visit; eval: the first one (deterministic).
     text = captions[int(rng.integers(len(captions)))] if rng is not None else captions[0]
-    example, _ = image_example(record, flip=flip, **kw)
-    return _merge_text(example, tokenize(text))
+    made = _skippable(image_example, record, on_bad_image, flip=flip, **kw)
+    return None if made is None else _merge_text(made[0], tokenize(text))
 
 
 def _caption_pad(*, tokenize, image_size):
@@ -273,6 +322,7 @@ def make_caption_loader(
     drop_remainder: bool = True,
     num_threads: int = 4,
     prefetch_buffer_size: int | None = None,
+    on_bad_image: str = "error",
 ) -> grain.IterDataset:
     """Image-caption batches: the image keys of `make_detection_loader` plus `tokenize`'s output.
 
@@ -282,12 +332,14 @@ def make_caption_loader(
         to the text tower's length). Eval padding entries get zeros of the same shapes.
       hflip: off by default, since flipping breaks captions that say "left"/"right".
       Other arguments as in `make_detection_loader` (train: one random caption per visit;
-      eval: the first caption of every image, exactly once, padded last batch).
+      eval: the first caption of every image, exactly once, padded last batch; on_bad_image
+      as there).
     """
     _check_args("make_caption_loader", records, shard_index, shard_count,
                 batch_size=batch_size, image_size=image_size)
     make = functools.partial(_caption, tokenize=tokenize, hflip=hflip, image_size=image_size,
-                             mean=mean, std=std)
+                             mean=mean, std=std,
+                             on_bad_image=check_bad_image_policy(on_bad_image))
     pad = functools.partial(_caption_pad, tokenize=tokenize, image_size=image_size)
     return _make_loader(
         records, make=make, pad=pad, batch_size=batch_size, train=train, seed=seed,

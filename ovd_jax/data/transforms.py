@@ -20,23 +20,84 @@ flip decision, is decided by the caller). Conventions:
 from __future__ import annotations
 
 import io
+import logging
+import threading
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # OpenAI CLIP's normalisation, in 0-255 units.
 CLIP_MEAN = tuple(v * 255.0 for v in (0.48145466, 0.4578275, 0.40821073))
 CLIP_STD = tuple(v * 255.0 for v in (0.26862954, 0.26130258, 0.27577711))
 
 
+log = logging.getLogger(__name__)
+
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+class BadImageError(ValueError):
+    """An image file that is missing, truncated, corrupt, or not of its annotated size
+    (`config.data.on_bad_image = "skip"` skips exactly these)."""
+
+
+class SkippedImages:
+    """Images skipped under `on_bad_image="skip"`: each file is logged once (a warning with the
+    reason and the running count) and counted; thread-safe (grain reads in threads)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reasons: dict[str, str] = {}  # file -> first error message
+        self.visits = 0  # skips including repeats (one file in several epochs)
+
+    def add(self, name: str, error: Exception) -> None:
+        with self._lock:
+            self.visits += 1
+            if name in self.reasons:
+                return
+            self.reasons[name] = str(error)
+            count = len(self.reasons)
+        log.warning("on_bad_image='skip': skipping %s (%d bad image(s) so far): %s",
+                    name, count, error)
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+
+# Every loader built with on_bad_image="skip" records here; read it for the totals.
+SKIPPED_IMAGES = SkippedImages()
+
+
+def check_bad_image_policy(policy: str) -> str:
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"config.data.on_bad_image={policy!r}; use 'error' (stop at the first "
+                         "bad image file) or 'skip' (log it once, count it and go on).")
+    return policy
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16-bit greyscale ("I;16*", or "I" holding 16-bit values) is
+    scaled by 255/65535; PIL's own conversion would clip it to 255 (an all-white image)."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+        arr = np.asarray(img).astype(np.float64)
+        arr = np.clip(np.rint(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr)  # uint8 [H, W] -> mode "L"
+    return img.convert("RGB")
+
+
 def decode_image(source, *, name: str | None = None) -> np.ndarray:
-    """Decodes an image to uint8 RGB [H, W, 3].
+    """Decodes an image to uint8 RGB [H, W, 3] as displayed.
+
+    Greyscale, palette, RGBA (alpha dropped), CMYK and 16-bit images become 8-bit RGB. An EXIF
+    orientation tag is applied (as image viewers and detectron2 do), so height, width and boxes
+    in the annotations must refer to the displayed orientation - which is what COCO's
+    annotation tools record.
 
     Args:
       source: a file path, encoded bytes, a PIL image, or an HWC/HW uint8 array.
       name: how to refer to the image in errors (defaults to the path).
 
-    Raises ValueError naming the file when it is missing or cannot be decoded.
+    Raises BadImageError (a ValueError) naming the file when it is missing or cannot be decoded.
     """
     label = name or (source if isinstance(source, str) else "<in-memory image>")
     if isinstance(source, np.ndarray):
@@ -56,13 +117,18 @@ def decode_image(source, *, name: str | None = None) -> np.ndarray:
         else:
             img = Image.open(source)
         img.load()  # force the full decode here so truncated files fail now, with the name
-        img = img.convert("RGB")
+        if img.getexif().get(0x0112, 1) not in (1, None):  # 0x0112: EXIF Orientation
+            img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
     except FileNotFoundError as e:
-        raise ValueError(f"image file {label!r} does not exist; check the image folder.") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(
+        raise BadImageError(f"image file {label!r} does not exist; check the image folder (or "
+                            "set config.data.on_bad_image='skip').") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as e:
+        raise BadImageError(
             f"image file {label!r} is corrupt or not an image ({type(e).__name__}: {e}); "
-            "re-download or remove it from the annotations."
+            "re-download or remove it from the annotations (or set "
+            "config.data.on_bad_image='skip')."
         ) from e
     return np.asarray(img, dtype=np.uint8)
 
@@ -195,10 +261,13 @@ def image_example(
     image = decode_image(record["image"] if "image" in record else record["path"], name=name)
     h, w = image.shape[:2]
     if (h, w) != (int(record["height"]), int(record["width"])):
-        raise ValueError(
+        rotated = (w, h) == (int(record["height"]), int(record["width"]))
+        raise BadImageError(
             f"image {name!r} decodes to {h}x{w} (HxW) but its annotation says "
             f"{record['height']}x{record['width']}; the boxes would be misplaced - fix the "
-            "image size in the annotation file."
+            "image size in the annotation file"
+            + (" (the file has an EXIF rotation: sizes and boxes must refer to the displayed, "
+               "rotated image)." if rotated else ".")
         )
     if flip:
         empty = np.zeros((0, 4), np.float32)

@@ -9,7 +9,7 @@ dropped.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -34,7 +34,8 @@ def _ids_to_index(values: list, ids: np.ndarray, id_list: list, what: str, dets:
         bad = (pos >= ids.shape[0]) | (ids[np.minimum(pos, ids.shape[0] - 1)] != arr)
     except (TypeError, ValueError, OverflowError):
         lookup = {v: i for i, v in enumerate(id_list)}
-        pos = np.array([lookup.get(v, -1) for v in values], dtype=np.int64)
+        pos = np.array([lookup.get(v, -1) if isinstance(v, Hashable) else -1 for v in values],
+                       dtype=np.int64)
         bad = pos < 0
     if bad.any():
         i = int(np.flatnonzero(bad)[0])

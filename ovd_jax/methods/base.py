@@ -34,5 +34,6 @@ def detection_train_loader(exp, *, num_epochs=None, extra=None, records=None):
         max_boxes=config.data.max_boxes, cat_id_to_index=exp.train_cat_id_to_index, train=True,
         seed=config.seed, hflip=config.data.hflip, num_epochs=num_epochs,
         shard_index=jax.process_index(), shard_count=jax.process_count(), extra=extra,
+        on_bad_image=config.data.get("on_bad_image", "error"),
         **resize_options(config.data, train=True),
     )

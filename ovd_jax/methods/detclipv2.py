@@ -180,6 +180,7 @@ def _box_loader(exp, kind, records, cat_map, negative_pool, num_epochs):
         max_boxes=config.data.max_boxes, cat_id_to_index=cat_map, train=True, seed=config.seed,
         hflip=config.data.hflip, num_epochs=num_epochs, shard_index=jax.process_index(),
         shard_count=jax.process_count(), extra=_box_extra(exp, kind, negative_pool),
+        on_bad_image=config.data.get("on_bad_image", "error"),
         **resize_options(config.data, train=True),
     )
 
@@ -202,7 +203,7 @@ def _image_text_loader(exp, num_epochs):
         records, batch_size=batch_size(config, "image_text") // jax.process_count(),
         image_size=int(it.image_size), tokenize=tokenize, train=True, seed=config.seed,
         hflip=bool(it.hflip), num_epochs=num_epochs, shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
+        shard_count=jax.process_count(), on_bad_image=config.data.get("on_bad_image", "error"),
     )
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from ovd_jax.models import layers
 from ovd_jax.ops import boxes as box_ops
 from ovd_jax.ops.nms import nms
+from ovd_jax.ops.topk import top_k
 
 
 class RPNHead(nn.Module):
@@ -79,7 +80,7 @@ def select_proposals(
     """
     coder = box_coder or box_ops.BoxCoder()
     k = min(int(pre_nms_topk), objectness.shape[0])
-    scores, top = jax.lax.top_k(jnp.where(jnp.isfinite(objectness), objectness, -jnp.inf), k)
+    scores, top = top_k(jnp.where(jnp.isfinite(objectness), objectness, -jnp.inf), k)
     boxes = coder.decode(deltas[top], anchors[top])
     boxes = box_ops.clip_boxes(boxes, image_hw[0], image_hw[1])
     wh = boxes[:, 2:] - boxes[:, :2]

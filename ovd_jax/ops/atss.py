@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 
 from ovd_jax.ops.boxes import box_iou
+from ovd_jax.ops.topk import top_k
 
 
 def atss_assign(
@@ -57,7 +57,7 @@ def atss_assign(
     for n in num_anchors_per_level:
         k = min(topk * num_anchors_per_location, n)
         if k > 0:
-            _, idx = jax.lax.top_k(-dist[:, start:start + n], k)
+            _, idx = top_k(-dist[:, start:start + n], k)
             cands.append(idx + start)
         start += n
     cand = jnp.concatenate(cands, axis=1)  # [G, K]

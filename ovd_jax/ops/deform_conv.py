@@ -13,7 +13,7 @@ Tap (i, j) of output (y, x) samples the input at
 with torchvision's deformable bilinear interpolation: 0 outside (-1, H) x (-1, W), and each of
 the four corners that falls outside the map contributes 0 (zero padding). The sample is
 multiplied by the mask, then a matmul with the kernel gives the output. Implemented as gathers
-from a flattened [N*H*W*groups, Cin/groups] table plus one einsum: jittable, differentiable
+from per-image flattened [H*W*groups, Cin/groups] tables plus one einsum: jittable, differentiable
 w.r.t. input, offsets, mask and kernel.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -91,16 +92,17 @@ def deform_conv2d(
     lx = px - x0
     y0 = y0.astype(jnp.int32)
     x0 = x0.astype(jnp.int32)
-    table = x.reshape(n * h * w * g, cg)
-    img = jnp.arange(n, dtype=jnp.int32)[:, None, None, None, None] * h
+    # One table per image, gathered under vmap: the batch is a gather batching dimension, so
+    # batch-sharded inputs are sampled on their own device (no cross-device gather).
+    table = x.reshape(n, h * w * g, cg)
     grp = jnp.arange(g, dtype=jnp.int32)[None, None, None, :, None]
     cols = None
     for yy, wy in ((y0, 1.0 - ly), (y0 + 1, ly)):
         for xx, wx in ((x0, 1.0 - lx), (x0 + 1, lx)):
             ok = (yy >= 0) & (yy <= h - 1) & (xx >= 0) & (xx <= w - 1)
-            row = ((img + jnp.clip(yy, 0, h - 1)) * w + jnp.clip(xx, 0, w - 1)) * g + grp
+            row = (jnp.clip(yy, 0, h - 1) * w + jnp.clip(xx, 0, w - 1)) * g + grp
             wt = jnp.where(ok, wy * wx, 0.0) * scale
-            term = table[row] * wt[..., None]  # [N, Ho, Wo, G, K, Cg]
+            term = jax.vmap(lambda t, r: t[r])(table, row) * wt[..., None]  # [N,Ho,Wo,G,K,Cg]
             cols = term if cols is None else cols + term
     kern = kernel.reshape(k, g, cg, cout)
     dtype = jnp.promote_types(x.dtype, kernel.dtype)

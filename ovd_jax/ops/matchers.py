@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from ovd_jax.ops.topk import top_k
+
 
 def iou_matcher(
     iou,
@@ -81,7 +83,7 @@ def sample_balanced(key, labels, num_samples: int, positive_fraction: float):
             return jnp.zeros((a,), bool)
         # Random priorities in [0, 1); non-members get -1 so they rank last.
         prio = jnp.where(mask, jax.random.uniform(k, (a,)), -1.0)
-        top_vals, top_idx = jax.lax.top_k(prio, cap)
+        top_vals, top_idx = top_k(prio, cap)
         sel = (top_vals >= 0) & (jnp.arange(cap) < limit)
         return jnp.zeros((a,), bool).at[top_idx].set(sel)
 

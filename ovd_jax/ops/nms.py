@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ovd_jax.ops.topk import top_k
+
 _TILE = 256
 
 
@@ -153,7 +155,7 @@ def topk_nms(
         raise ValueError(f"pre_nms_topk must be >= 1; got {pre_nms_topk}.")
     if valid is None:
         valid = jnp.ones((n,), bool)
-    _, top = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), k)
+    _, top = top_k(jnp.where(valid, scores, -jnp.inf), k)
     cls = None if class_ids is None else class_ids[top]
     idx, keep_valid = _nms_impl(boxes[top], scores[top], cls, iou_threshold, max_output, valid[top])
     return jnp.where(keep_valid, top[idx], 0).astype(jnp.int32), keep_valid

@@ -1,10 +1,12 @@
 """RoIAlign (torchvision `roi_align` / detectron2 `ROIAlignV2`) and its multi-level FPN pooler.
 
 Formulation: every output bin averages a grid of bilinear samples. For each sample we compute
-the 4 corner rows of a flattened feature table [rows, C] and their weights, gather those rows and
-sum them with the weights. The gathers are emitted as one weighted sum per (sample, corner), which
-XLA fuses into a single loop kernel writing the output once: no [R, H, W] one-hot matrices, and
-the gradient w.r.t. the features is the matching scatter-add (what torchvision's backward does).
+the 4 corner rows of the image's flattened feature table [rows, C] and their weights, gather
+those rows and sum them with the weights. The gathers are emitted as one weighted sum per
+(sample, corner), which XLA fuses into a single loop kernel writing the output once: no
+[R, H, W] one-hot matrices, and the gradient w.r.t. the features is the matching scatter-add
+(what torchvision's backward does). The batch is a gather batching dimension (one table per
+image), so batch-sharded features are pooled on their own device.
 
 Sampling follows torchvision's `bilinear_interpolate` exactly: a sample with y < -1, y > H,
 x < -1 or x > W contributes 0; otherwise y, x are clamped at 0 from below and the high corner is
@@ -172,14 +174,28 @@ def roi_align(
     _check([features], boxes, sampling_ratio, adaptive_max_grid)
     n, h, w, c = features.shape
     r = boxes.shape[1]
-    table = features.reshape(n * h * w, c)
-    base = jnp.repeat(jnp.arange(n, dtype=jnp.int32) * (h * w), r)
-    ones = jnp.ones((n * r,), jnp.int32)
-    out = _roi_align_table(
-        table, base, ones * h, ones * w, jnp.full((n * r,), spatial_scale, jnp.float32),
-        boxes.reshape(n * r, 4), output_size, sampling_ratio, aligned, adaptive_max_grid,
+    ones = jnp.ones((n, r), jnp.int32)
+    return _per_image(
+        features.reshape(n, h * w, c), ones * 0, ones * h, ones * w,
+        jnp.full((n, r), spatial_scale, jnp.float32), boxes, output_size, sampling_ratio,
+        aligned, adaptive_max_grid,
     )
-    return out.reshape((n, r) + out.shape[1:])
+
+
+def _per_image(tables, base, height, width, scale, boxes, output_size, sampling_ratio, aligned,
+               adaptive_max_grid):
+    """`_roi_align_table` mapped over images: tables [N, rows, C], the rest [N, R(, 4)].
+
+    Each image's RoIs index only that image's table, so the gather (and its scatter-add
+    gradient) carries the batch as a batching dimension: a batch-sharded call stays local to
+    each device (a table flattened over the batch would be all-gathered under data
+    parallelism). Returns [N, R, oh, ow, C].
+    """
+    def one(table, b, hh, ww, s, bx):
+        return _roi_align_table(table, b, hh, ww, s, bx, output_size, sampling_ratio, aligned,
+                                adaptive_max_grid)
+
+    return jax.vmap(one)(tables, base, height, width, scale, boxes)
 
 
 def assign_boxes_to_levels(
@@ -215,8 +231,8 @@ def multilevel_roi_align(
     boxes: [N, R, 4] in input-image pixels. Each box is pooled from level
     `assign_boxes_to_levels(box, log2(strides[0]), log2(strides[-1]))`.
 
-    Static scheme: all levels are flattened into one feature table and each RoI carries its
-    level's row offset, height, width and scale, so the cost is that of ONE roi_align over R
+    Static scheme: each image's levels are flattened into one feature table and each RoI carries
+    its level's row offset, height, width and scale, so the cost is that of ONE roi_align over R
     boxes (not one per level) and no data-dependent shapes appear. Returns [N, R, oh, ow, C].
     """
     if len(features) != len(strides):
@@ -229,24 +245,19 @@ def multilevel_roi_align(
         if f.ndim != 4 or f.shape[0] != n0 or f.shape[-1] != c0:
             raise ValueError("every feature level must be [N, Hl, Wl, C] with the same N and C.")
     _check(features, boxes, sampling_ratio, adaptive_max_grid)
-    n, r = boxes.shape[:2]
+    n = boxes.shape[0]
     c = features[0].shape[-1]
     sizes = [f.shape[1] * f.shape[2] for f in features]
-    total = sum(sizes)
-    table = jnp.concatenate([f.reshape(n, s, c) for f, s in zip(features, sizes)], axis=1)
-    table = table.reshape(n * total, c)
+    tables = jnp.concatenate([f.reshape(n, s, c) for f, s in zip(features, sizes)], axis=1)
     min_level = int(round(math.log2(strides[0])))
     max_level = int(round(math.log2(strides[-1])))
-    lvl = assign_boxes_to_levels(
-        boxes, min_level, max_level, canonical_box_size, canonical_level
-    ).reshape(-1)
+    lvl = assign_boxes_to_levels(boxes, min_level, max_level, canonical_box_size,
+                                 canonical_level)  # [N, R]
     offsets = jnp.asarray([sum(sizes[:i]) for i in range(len(sizes))], jnp.int32)
     heights = jnp.asarray([f.shape[1] for f in features], jnp.int32)
     widths = jnp.asarray([f.shape[2] for f in features], jnp.int32)
     scales = jnp.asarray([1.0 / s for s in strides], jnp.float32)
-    img = jnp.repeat(jnp.arange(n, dtype=jnp.int32) * total, r)
-    out = _roi_align_table(
-        table, img + offsets[lvl], heights[lvl], widths[lvl], scales[lvl],
-        boxes.reshape(n * r, 4), output_size, sampling_ratio, aligned, adaptive_max_grid,
+    return _per_image(
+        tables, offsets[lvl], heights[lvl], widths[lvl], scales[lvl], boxes, output_size,
+        sampling_ratio, aligned, adaptive_max_grid,
     )
-    return out.reshape((n, r) + out.shape[1:])

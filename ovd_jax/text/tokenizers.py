@@ -18,6 +18,7 @@ import gzip
 import html
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -57,6 +58,14 @@ class FixedLengthTokenizer:
         n = len(texts)
         ids = np.full((n, self.context_length), self.pad_token_id, dtype=np.int32)
         mask = np.zeros((n, self.context_length), dtype=bool)
+        long = [i for i, body in enumerate(pieces) if len(body) > self.context_length - 2]
+        if long:  # one warning per call (Python shows each distinct message once)
+            i = long[0]
+            warnings.warn(f"{len(long)} of {n} text(s) are cut to their first "
+                          f"{self.context_length - 2} tokens (context_length "
+                          f"{self.context_length}), e.g. {texts[i][:80]!r} with "
+                          f"{len(pieces[i])} tokens. Shorten them to keep all of the text.",
+                          stacklevel=2)
         for i, body in enumerate(pieces):
             row = [self.sot_token_id, *body[: self.context_length - 2], self.eot_token_id]
             ids[i, : len(row)] = row

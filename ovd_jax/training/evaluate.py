@@ -37,6 +37,7 @@ def _eval_loader(exp, mesh):
         max_boxes=config.data.max_boxes, cat_id_to_index=exp.val_data.cat_id_to_index,
         train=False, seed=config.seed, shard_index=jax.process_index(),
         shard_count=jax.process_count(), drop_remainder=False,
+        on_bad_image=config.data.get("on_bad_image", "error"),
         **resize_options(config.data, train=False),
     )
     return loader, -(-len(exp.val_data.records) // eval_bs)
@@ -57,9 +58,20 @@ def predict_dataset(exp, variables, mesh, *, progress: bool = True) -> list[dict
         for batch in tqdm(loader, total=total, desc="eval", disable=not progress, leave=False):
             sharded = shd.shard_batch({"image": batch["image"], "hw": batch["image_hw"]}, mesh)
             out = predict(variables, sharded["image"], sharded["hw"], concepts)
-            out = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), out)
-            results.extend(_to_coco(batch, out, cat_ids))
-    return results
+            # This process's rows (the global arrays span other processes' devices too).
+            results.extend(_to_coco(batch, shd.to_local(out, mesh), cat_ids))
+    return _gather_by_record(exp, results)
+
+
+def _gather_by_record(exp, rows: list[dict]) -> list[dict]:
+    """Every process's result rows (each with an "image_id"), in validation-record order: what
+    one process evaluating the whole set produces. A collective under multi-process."""
+    if jax.process_count() == 1:
+        return rows
+    merged = [r for part in shd.gather_objects(rows) for r in part]
+    position = {rec["image_id"]: i for i, rec in enumerate(exp.val_data.records)}
+    merged.sort(key=lambda r: position[r["image_id"]])  # stable: an image's order is kept
+    return merged
 
 
 def _to_coco(batch: dict, out: dict, cat_ids: np.ndarray) -> list[dict]:
@@ -155,7 +167,7 @@ def evaluate_gt_boxes(exp, variables, mesh, out_dir: str, *, progress: bool = Tr
     config = exp.config
     rules = shd.rules_tuple(config.sharding.rules)
     loader, total = _eval_loader(exp, mesh)
-    rows_boxes, rows_images, rows_cls, rows_scores = [], [], [], []
+    rows = []  # one per valid image: its GT boxes (x, y, w, h), labels and class scores
     with mesh, nn.logical_axis_rules(rules):
         concepts = exp.method.eval_queries(exp, variables)
         if not hasattr(exp.method, "classify_boxes"):
@@ -167,18 +179,20 @@ def evaluate_gt_boxes(exp, variables, mesh, out_dir: str, *, progress: bool = Tr
         for batch in tqdm(loader, total=total, desc="gt boxes", disable=not progress,
                           leave=False):
             sharded = shd.shard_batch({"image": batch["image"], "boxes": batch["boxes"]}, mesh)
-            probs = np.asarray(jax.device_get(
-                classify(variables, sharded["image"], sharded["boxes"], concepts)
-            ))
+            probs = shd.to_local(classify(variables, sharded["image"], sharded["boxes"],
+                                          concepts), mesh)
             for i in range(len(batch["image_id"])):
                 if not batch["valid"][i]:
                     continue
                 m = batch["box_mask"][i]
                 b = batch["boxes"][i][m] / float(batch["scale"][i])
-                rows_boxes.append(np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1))
-                rows_images.extend([int(batch["image_id"][i])] * int(m.sum()))
-                rows_cls.append(batch["labels"][i][m])
-                rows_scores.append(probs[i][m])
+                rows.append({"image_id": int(batch["image_id"][i]),
+                             "boxes": np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1),
+                             "labels": batch["labels"][i][m], "scores": probs[i][m]})
+    rows = _gather_arrays_by_record(exp, rows)
+    rows_images = [r["image_id"] for r in rows for _ in range(len(r["labels"]))]
+    rows_boxes, rows_cls, rows_scores = ([r[k] for r in rows] for k in ("boxes", "labels",
+                                                                         "scores"))
     metrics = gt_boxes_protocol.zero_shot_gt_box_metrics(
         exp.val_data.gt, rows_images, np.concatenate(rows_cls), np.concatenate(rows_scores),
         boxes=np.concatenate(rows_boxes), category_ids=list(exp.eval_vocab.cat_ids),
@@ -187,6 +201,16 @@ def evaluate_gt_boxes(exp, variables, mesh, out_dir: str, *, progress: bool = Tr
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomic(metrics, os.path.join(out_dir, "metrics_gt_boxes.json"))
     return metrics
+
+
+def _gather_arrays_by_record(exp, rows: list[dict]) -> list[dict]:
+    """`_gather_by_record` for rows holding numpy arrays (sent as [values, dtype, shape])."""
+    if jax.process_count() == 1:
+        return rows
+    sent = [{k: ([v.ravel().tolist(), v.dtype.str, v.shape] if isinstance(v, np.ndarray)
+                 else v) for k, v in r.items()} for r in rows]
+    return [{k: (np.asarray(v[0], np.dtype(v[1])).reshape(v[2]) if isinstance(v, list) else v)
+             for k, v in r.items()} for r in _gather_by_record(exp, sent)]
 
 
 def format_headline(metrics: dict) -> str:

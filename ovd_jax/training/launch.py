@@ -15,18 +15,36 @@ from ovd_jax.training import sharding as shd
 from ovd_jax.training.experiment import build_experiment
 
 
-def setup_runtime(*, distributed: bool = False) -> None:
-    """Persistent compilation cache (repeated runs compile once) and multi-process start-up."""
+def setup_runtime(*, distributed: bool = False, coordinator_address: str | None = None,
+                  num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Persistent compilation cache (repeated runs compile once) and multi-process start-up.
+
+    Any of `coordinator_address` ("host:port" of process 0), `num_processes`, `process_id`
+    (jax.distributed.initialize's arguments), or `distributed=True`, starts the multi-process
+    runtime; what is not given is detected from the environment (TPU pods, SLURM, Open MPI, or
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). None of them: one process.
+    On CPU the processes' collectives go through gloo.
+    """
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR",
                            os.path.expanduser("~/.cache/ovd_jax/jax_cache"))
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    if distributed:
-        # Reads the coordinator/process layout from the environment (TPU pods, SLURM, Open MPI,
-        # or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
-        jax.distributed.initialize()
-    logging.info("process %d/%d, %d devices: %s", jax.process_index(), jax.process_count(),
-                 jax.device_count(), jax.devices()[:8])
+    explicit = (coordinator_address, num_processes, process_id)
+    if distributed or any(v is not None for v in explicit):
+        if num_processes is not None and not (process_id is None or
+                                              0 <= process_id < num_processes):
+            raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
+                             f"{num_processes}).")
+        # CPU devices of several processes talk over gloo (set before the backend starts; GPUs
+        # and TPUs ignore it).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.ERROR)  # one process logs
+    logging.info("process %d/%d, %d devices (%d local): %s", jax.process_index(),
+                 jax.process_count(), jax.device_count(), jax.local_device_count(),
+                 jax.devices()[:8])
 
 
 def train(config, workdir: str, *, progress: bool = True) -> dict:

@@ -13,6 +13,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm import tqdm
@@ -48,6 +49,13 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@jax.jit
+def _first_nonfinite(first, loss, step):
+    """The first step whose loss is not finite: `first` if already set (>= 0), else `step` when
+    `loss` is NaN/inf, else -1. int32 scalar."""
+    return jnp.where((first < 0) & ~jnp.isfinite(loss), jnp.int32(step), first)
 
 
 def make_train_loader(exp, *, num_epochs=None):
@@ -133,8 +141,13 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
             iterator.set_state(data_state)
         if jax.process_index() == 0:
             print(f"resumed from {checkpointer.directory}/{latest}")
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=1))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=1))
+        overview = shd.overview(state.params, state_shardings.params)
+        logging.info("parameters:\n%s", overview)
+        if progress:
+            print(overview.splitlines()[0])
 
     writer = MetricWriter(workdir)
     total = int(config.train.steps) if max_steps is None else min(max_steps, config.train.steps)
@@ -143,6 +156,12 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
     stopped = False
     history = []
     logged = {}  # newest metrics of every data type, written together
+    # Metrics stay on the devices until a log/checkpoint step fetches them all at once; the
+    # first step with a non-finite loss is tracked on the devices meanwhile (every step checked,
+    # no host sync per step).
+    pending = []
+    first_bad = jax.device_put(np.int32(-1), shd.replicated(mesh))
+    log_every = int(config.train.log_every)
     t0 = time.time()
     with _StopFlag() as flag, tqdm(total=total, initial=start, desc="train", unit="step",
                                    disable=not progress or jax.process_index() != 0) as bar:
@@ -154,31 +173,40 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
                                  f"config.method={config.method!r} trains {kinds}.")
             state, metrics = step_fns[kind](state, ts.device_batch(exp, batch, mesh, kind),
                                             step_key)
-            # Blocking each step keeps host and devices in lock-step (and avoids the CPU
-            # backend's all-reduce deadlock on back-to-back sharded steps).
-            metrics = jax.device_get(metrics)
-            logged.update(metrics)
-            history.append(float(metrics["loss"]))
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
             done = step + 1
-            if done % config.train.log_every == 0 or done == total:
+            pending.append(metrics)
+            first_bad = _first_nonfinite(first_bad, metrics["loss"], done)
+            if jax.default_backend() == "cpu":
+                # The CPU backend can deadlock in all-reduces of back-to-back sharded steps;
+                # accelerators run ahead of the host.
+                jax.block_until_ready(metrics)
+            bar.update(1)
+            save = flag.stop or done % config.train.checkpoint_every == 0 or done == total
+            if save or done % log_every == 0:
+                fetched, bad = jax.device_get((pending, first_bad))
+                pending = []
+                for m in fetched:
+                    logged.update(m)
+                    history.append(float(m["loss"]))
+                bar.set_postfix(loss=f"{history[-1]:.3f}")
+                if bad >= 0:  # before any checkpoint of the broken state
+                    raise FloatingPointError(
+                        f"loss is {history[bad - start - 1]} at step {bad}; lower "
+                        "config.optim.learning_rate or check the data."
+                    )
+            if done % log_every == 0 or done == total:
                 writer.scalars(done, logged)
                 writer.scalars(done, {"steps_per_sec": (done - start) / (time.time() - t0)},
                                prefix="perf")
-            if not np.isfinite(float(metrics["loss"])):
-                raise FloatingPointError(
-                    f"loss is {float(metrics['loss'])} at step {done}; lower "
-                    "config.optim.learning_rate or check the data."
-                )
-            if flag.stop or done % config.train.checkpoint_every == 0 or done == total:
+            if save:
                 checkpointer.save(done, state, iterator.get_state(), meta, force=True)
             if flag.stop:
                 stopped = True
                 break
     checkpointer.close()
-    with open(os.path.join(workdir, "train_losses.json"), "w", encoding="utf-8") as f:
-        json.dump({"start_step": start, "losses": history}, f)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "train_losses.json"), "w", encoding="utf-8") as f:
+            json.dump({"start_step": start, "losses": history}, f)
 
     metrics = {}
     if config.train.eval_at_end and not stopped and max_steps is None:

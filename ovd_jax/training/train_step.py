@@ -28,23 +28,22 @@ def create_train_state(exp, mesh, key):
     rules = shd.rules_tuple(config.sharding.rules)
     args = exp.method.init_args(config)
     abstract = jax.eval_shape(exp.model.init, key, *args)
-    var_shardings = shd.tree_shardings(abstract, mesh, rules)
-    with mesh, nn.logical_axis_rules(rules):
-        variables = jax.jit(exp.model.init, out_shardings=var_shardings)(key, *args)
-    variables = _unbox(variables)
-    var_shardings = _unbox(var_shardings)
+    var_shardings = shd.tree_shardings(abstract, mesh, rules, shd.min_shard_size(config))
+
+    def init(k, *a):
+        # Unboxed outside a mesh context: the boxes then add no sharding constraints of the raw
+        # rules (which may not divide a shape); `var_shardings` (fitted) places the result.
+        return _unbox(exp.model.init(k, *a))
+
+    variables = jax.jit(init, out_shardings=var_shardings)(key, *args)
     if config.model.get("init_checkpoint"):
         variables = merge_pretrained_towers(variables, config.model.init_checkpoint)
     params = variables.pop("params")
     tx = make_optimizer(config, params)
-    # Moments are created like the parameters, so XLA gives them the parameters' shardings.
-    # Scalars (step counts) come back on one device: those are replicated over the mesh.
-    opt_state = jax.jit(tx.init)(params)
-    mesh_devices = set(mesh.devices.flat)
-    opt_shardings = jax.tree.map(
-        lambda x: x.sharding if x.sharding.device_set == mesh_devices else shd.replicated(mesh),
-        opt_state,
-    )
+    # Moments, traces: each with its parameter's sharding; counts replicated.
+    opt_shardings = shd.like_params(tx, jax.eval_shape(tx.init, params),
+                                    var_shardings["params"], mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
                        opt_state=opt_state)
     state_shardings = TrainState(
