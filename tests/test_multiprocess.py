@@ -109,10 +109,23 @@ def test_two_processes_equal_one(tmp_path_factory):
 
     np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-5)
     ckpt = ocp.StandardCheckpointer()
-    a = ckpt.restore(os.path.join(multi, "checkpoints", str(STEPS), "state"))["params"]
-    b = ckpt.restore(os.path.join(single, "checkpoints", str(STEPS), "state"))["params"]
+    b_state = ckpt.restore(os.path.join(single, "checkpoints", str(STEPS), "state"))
+    # The two-process checkpoint names devices of both processes: restore it onto this
+    # process's first device, with the single-process state's structure as the target.
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one)
+        if hasattr(x, "shape") else x, b_state)
+    a = ckpt.restore(os.path.join(multi, "checkpoints", str(STEPS), "state"), target)["params"]
+    b = b_state["params"]
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        name = jax.tree_util.keystr(path)
+        if "k_proj" in name and "bias" in name:
+            # Softmax is invariant to a key bias, so its true gradient is exactly 0: what it
+            # gets is float round-off, which depends on how the batch is laid out over
+            # devices, and Adam scales that noise to learning-rate-sized steps.
+            continue
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name)
     assert ref_metrics["AP50"] >= 0
     for i in range(2):
         with open(os.path.join(multi, f"metrics_process{i}.json")) as f:
