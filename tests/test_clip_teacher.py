@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import smoke_config
+from helpers import one_train_step, smoke_config
 
 from ovd_jax.methods import clip as clip_method
 from ovd_jax.training import sharding as shd
@@ -101,14 +101,8 @@ def test_teacher_step_eight_devices_equals_one(exp, batch):
     assert jax.device_count() == 8
 
     def one_step(devices):
-        mesh = shd.make_mesh((-1, 1, 1), devices=devices)
-        state, shardings, tx = ts.create_train_state(exp, mesh, jax.random.key(0))
-        constants = exp.method.train_constants(exp, state.variables())
-        step = ts.make_train_step(exp, tx, mesh, shardings, constants)
-        dev_batch = ts.device_batch(exp, batch, mesh)
-        new, metrics = step(state, dev_batch, jax.random.key(1))
-        jax.block_until_ready(new)
-        return jax.device_get(new.params), jax.device_get(metrics), dev_batch
+        params, metrics, _, dev_batch = one_train_step(exp, devices, batch)
+        return params, metrics, dev_batch
 
     p8, m8, b8 = one_step(jax.devices())
     p1, m1, _ = one_step(jax.devices()[:1])

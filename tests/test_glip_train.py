@@ -6,7 +6,7 @@ import os
 
 import jax
 import numpy as np
-from helpers import smoke_config
+from helpers import one_train_step, smoke_config
 
 from ovd_jax.methods import glip as glip_method
 from ovd_jax.training import sharding as shd
@@ -56,13 +56,7 @@ def test_smoke_trains_and_evaluates(tmp_path_factory):
 
 
 def _one_step(exp, devices, batch):
-    mesh = shd.make_mesh((-1, 1, 1), devices=devices)
-    state, shardings, tx = ts.create_train_state(exp, mesh, jax.random.key(0))
-    constants = exp.method.train_constants(exp, state.variables())
-    step = ts.make_train_step(exp, tx, mesh, shardings, constants)
-    new_state, metrics = step(state, ts.device_batch(exp, batch, mesh), jax.random.key(1))
-    jax.block_until_ready(new_state)
-    return jax.device_get(new_state.params), jax.device_get(metrics), new_state
+    return one_train_step(exp, devices, batch)[:3]
 
 
 def test_eight_devices_equal_one(tmp_path_factory):
