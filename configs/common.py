@@ -75,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.frozen = ()
     # Multipliers of the learning rate for parameter-path prefixes, e.g. (("text_encoder", 0.1),).
     c.optim.lr_multipliers = ()
+    # With model.init_checkpoint set: learning-rate multiplier of the towers copied from it.
+    c.optim.pretrained_lr_multiplier = 1.0
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -84,6 +86,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_at_end = True
     # Batch per step over all processes; must divide by the data-parallel mesh size.
     c.train.batch_size = 16
+    # A step whose loss or gradients are NaN/Inf is never applied. 0: stop at the first one
+    # (naming the step, its image ids and the non-finite loss terms); N: skip up to N of them
+    # over the whole run (each logged, counted in the metric train/nonfinite_skipped).
+    c.train.skip_nonfinite = 0
+    # Resuming from a checkpoint trained with another config.model.*, config.text.*, input size
+    # or training classes is refused; True continues anyway (the differences are logged).
+    c.train.allow_config_change = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 16

@@ -284,9 +284,9 @@ def demo_config(c: ml_collections.ConfigDict, *, no_image_text: bool = False,
     t.batch_sizes = ml_collections.ConfigDict(
         {"detection": 16, "grounding": 16, "image_text": 32})
     t.batch_size = 16
-    t.schedule = ("detection", "image_text", "grounding", "image_text")
-    # 2000 steps = 500 detection + 500 grounding + 1000 image-text batches.
-    t.steps = 2000
+    t.schedule = ("detection", "grounding", "image_text")
+    # 1500 steps = 500 detection + 500 grounding + 500 image-text batches.
+    t.steps = 1500
     t.log_every = 50
     t.checkpoint_every = 1000
     if no_image_text:

@@ -10,8 +10,11 @@
     over `warmup_steps`, then `lr * gamma^k` with k the number of `milestones` <= step.
 `optim.grad_clip_norm` > 0 clips the global gradient norm first.
 
-Frozen parameters ('/'-joined paths matching `optim.frozen`, the method's `frozen_params(config)`,
-and the text tower when `text.trainable` is False) get zero updates, weight decay included.
+`optim.lr_multipliers` scales the learning rate of path prefixes; with `model.init_checkpoint`
+set, `optim.pretrained_lr_multiplier` scales that of the towers copied from it ('vision',
+'text'). Frozen parameters ('/'-joined paths matching `optim.frozen`, the method's
+`frozen_params(config)`, and the text tower when `text.trainable` is False) get zero updates,
+weight decay included.
 A pattern is a path prefix ending at a component boundary, or a glob (`*`, `?`, `[..]`).
 """
 
@@ -55,6 +58,12 @@ def _path_labels(params, config) -> dict:
     """
     frozen = _frozen_patterns(config)
     mults = tuple((p, float(m)) for p, m in config.optim.lr_multipliers)
+    pretrained_mult = float(config.optim.get("pretrained_lr_multiplier", 1.0))
+    if pretrained_mult != 1.0 and config.get("model", {}).get("init_checkpoint"):
+        # Towers copied from model.init_checkpoint fine-tune slower (explicit prefixes win).
+        from ovd_jax.training.pretrained import TOWERS  # noqa: PLC0415
+
+        mults += tuple((tower, pretrained_mult) for tower in TOWERS)
 
     def label(path: tuple[str, ...]) -> str:
         joined = "/".join(path)
