@@ -1,4 +1,5 @@
-"""Pieces shared by every recipe: optimiser, mesh/sharding rules, training-loop and eval settings.
+"""Pieces shared by every recipe: optimiser, mesh/sharding rules, training-loop and eval settings,
+and blocks several recipes build alike (image-text pairs; the smoke variants' data, loop, eval).
 
 Each recipe file (`demo.py`, `regionclip.py`, ...) builds on these and exposes `get_config(arg)`.
 `arg` is a comma-separated list of variant names; `smoke` is accepted by every recipe and shrinks
@@ -104,3 +105,64 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.metric = "coco"
     c.eval.num_visualizations = 4
     return c
+
+
+def image_text_pairs(*, source: str, tfds_name: str, image_size: int
+                     ) -> ml_collections.ConfigDict:
+    """The image-text block (config.image_text) of the recipes trained on caption pairs: where
+    the pairs come from (ovd_jax/data/image_text.py sources) and how the concept pool is built.
+    `source`, `tfds_name` and `image_size` (input side; 0: data.image_size) are the recipe's."""
+    it = ml_collections.ConfigDict()
+    it.source = source  # "synthetic", "coco_captions" or "tfds"
+    it.captions_json = ""  # coco_captions: a COCO captions JSON ...
+    it.images = ""  # ... and its image folder
+    it.tfds_name = tfds_name  # tfds: a prepared array_record dataset, e.g. a CC3M build
+    it.tfds_split = "train"
+    it.tfds_data_dir = ""
+    it.image_key = "image"
+    it.caption_key = "caption"
+    it.id_key = ""
+    it.hflip = False  # flipping would contradict captions that say left / right
+    it.image_size = image_size
+    # Concept pool: a file with one concept per line, or (empty) the captions' noun phrases
+    # seen >= min_concept_count times in the first max_caption_scan images' captions (at most
+    # max_concepts; 0: no cap).
+    it.concepts_file = ""
+    it.concept_parser = "auto"  # "auto" (spaCy if installed, else fallback), "spacy", "fallback"
+    it.min_concept_count = 2
+    it.max_concepts = 0
+    it.max_caption_scan = 100_000
+    return it
+
+
+def smoke_synthetic_data(d: ml_collections.ConfigDict) -> None:
+    """Points `d` (config.data) at the smoke variants' tiny synthetic set: 16 training and 8
+    validation images of 64 px on a 64 px canvas, at most 4 boxes, no base/novel split file."""
+    d.kind = "coco"
+    d.synthetic = True
+    d.root = "data_cache/synthetic_smoke"
+    d.synthetic_num_train = 16
+    d.synthetic_num_val = 8
+    d.synthetic_image_size = 64
+    d.image_size = 64
+    d.max_boxes = 4
+    d.split_file = ""
+    d.split = ""
+
+
+def smoke_train(c: ml_collections.ConfigDict) -> None:
+    """Sets the smoke variants' loop on `c`: 4 steps of 8 images, logging and checkpointing
+    every 2 steps, one warmup step."""
+    c.train.steps = 4
+    c.train.batch_size = 8
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.optim.warmup_steps = 1
+
+
+def smoke_eval(e: ml_collections.ConfigDict) -> None:
+    """Sets the smoke variants' evaluation on `e` (config.eval): batches of 8, 20 detections per
+    image, one visualisation."""
+    e.batch_size = 8
+    e.max_detections = 20
+    e.num_visualizations = 1

@@ -22,36 +22,25 @@ import math
 
 import ml_collections
 
-from configs import common, glip, regionclip
+from configs import atss_blocks, common, glip, regionclip
 
 
 def detclipv2_model(backbone: str = "swin_t") -> ml_collections.ConfigDict:
-    m = ml_collections.ConfigDict()
-    # "swin_t" | "swin_l" (ovd_jax.models.swin) or a CLIP ResNet preset ("RN50", "tiny", ...).
-    m.backbone = backbone
-    m.backbone_overrides = ml_collections.ConfigDict()
-    m.backbone_levels = ("res3", "res4", "res5")
-    # FPN P3..P7 (ATSS): width and strides of its levels.
-    m.channels = 256
-    m.strides = (8, 16, 32, 64, 128)
-    # ATSS: one square anchor of side anchor_scale x stride per location, top-k 9 per level.
-    m.anchor_scale = 8.0
-    m.atss_topk = 9
+    """DetCLIPv2's model block: the shared ATSS detector (configs/atss_blocks.py) plus ATSS head
+    towers, concept pooling, region-concept alignment and the image-text contrastive loss."""
+    m = atss_blocks.atss_model(backbone)
     # Head towers: num_convs x (3x3 conv, GroupNorm, ReLU) per branch, as vanilla ATSS; plus the
     # modulated deformable conv at the start of the classification branch (offsets from the
     # regression tower).
     m.num_convs = 4
     m.gn_groups = 32
     m.deform_cls = True
-    # Text encoder (fields of ovd_jax.models.bert.BertConfig); concepts pooled over tokens
-    # ("mean") or read at [CLS] ("first").
-    m.bert = ml_collections.ConfigDict(glip.BERT_BASE)
+    # Concepts pooled over the text tower's tokens ("mean") or read at [CLS] ("first").
     m.text_pooling = "mean"
     # Alignment logits = cos(region, concept) * scale + bias0; scale learnable, initial value.
     m.logit_scale_init = 10.0
-    # L_align: concept-level sigmoid focal loss; alpha (L_reg, GIoU) and beta (L_center) weights.
-    m.focal_alpha = 0.25
-    m.focal_gamma = 2.0
+    # L_align is the concept-level sigmoid focal loss; alpha (L_reg, GIoU) and beta (L_center)
+    # weights.
     m.reg_loss_weight = 2.0
     m.center_loss_weight = 1.0
     # Image-text pairs: lambda L_cts with temperature tau; proposals = top `num_proposals` after
@@ -64,8 +53,6 @@ def detclipv2_model(backbone: str = "swin_t") -> ml_collections.ConfigDict:
     m.num_proposals = 100
     m.proposal_nms = 0.5
     m.proposal_pre_nms_topk = 1000
-    m.remat = False
-    m.init_checkpoint = ""
     return m
 
 
@@ -96,33 +83,24 @@ def detclipv2_data() -> ml_collections.ConfigDict:
 
 
 def image_text_data() -> ml_collections.ConfigDict:
-    """Where the image-text pairs come from (ovd_jax/data/image_text.py sources)."""
-    it = ml_collections.ConfigDict()
-    it.source = "tfds"  # "synthetic", "coco_captions" or "tfds"
-    it.captions_json = ""
-    it.images = ""
-    it.tfds_name = "cc12m"
-    it.tfds_split = "train"
-    it.tfds_data_dir = ""
-    it.image_key = "image"
-    it.caption_key = "caption"
-    it.id_key = ""
-    it.hflip = False  # flipping would contradict captions that say left / right
-    # Low resolution (square, long side resized) for image-text batches.
-    it.image_size = 320
+    """The image-text pairs: CC12M from TFDS at low resolution (square, long side 320). The
+    concept pool is the dictionary grounding negatives are drawn from (data.negative_dictionary
+    = "captions")."""
+    it = common.image_text_pairs(source="tfds", tfds_name="cc12m", image_size=320)
     # Concepts per caption: its noun phrases (spaCy noun chunks when installed), at most this
     # many; `include_caption` adds the caption itself as one more concept.
     it.concepts_per_caption = 16
-    it.concept_parser = "auto"
     it.include_caption = False
-    # The concept dictionary grounding negatives are drawn from (data.negative_dictionary =
-    # "captions"): a file with one concept per line, or the captions' noun phrases seen at least
-    # min_concept_count times in the first max_caption_scan images (at most max_concepts).
-    it.concepts_file = ""
-    it.min_concept_count = 2
-    it.max_concepts = 0
-    it.max_caption_scan = 100_000
     return it
+
+
+def _batch_sizes(t: ml_collections.ConfigDict, *, detection: int, grounding: int,
+                 image_text: int) -> None:
+    """Sets the global batch of each data type on `t` (config.train); `t.batch_size` (the
+    evaluation and sharding reference) is the detection batch."""
+    t.batch_sizes = ml_collections.ConfigDict(
+        {"detection": detection, "grounding": grounding, "image_text": image_text})
+    t.batch_size = detection
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -136,77 +114,54 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.text = detclipv2_text()
     c.data = detclipv2_data()
     c.image_text = image_text_data()
-    o = c.optim
-    o.name = "adamw"
-    o.learning_rate = 1e-4
-    o.lr_multipliers = (("text_encoder", 0.1),)
-    o.weight_decay = 0.05
-    o.warmup_steps = 2000
-    o.grad_clip_norm = 1.0
+    # AdamW lr 1e-4 (text encoder 1e-5), warmup 2,000, clipping 1.0.
+    atss_blocks.pretraining_optimizer(c.optim, text_tower="text_encoder", weight_decay=0.05)
     t = c.train
     # Global batch per data type; every step draws one type, cyclically.
-    t.batch_sizes = ml_collections.ConfigDict(
-        {"detection": 128, "grounding": 128, "image_text": 1024})
-    t.batch_size = t.batch_sizes.detection
+    _batch_sizes(t, detection=128, grounding=128, image_text=1024)
     t.schedule = ("detection", "grounding", "image_text")
     t.steps = 300_000
     t.checkpoint_every = 5000
     c.eval.batch_size = 8
-    c.eval.score_threshold = 0.05
-    c.eval.nms_threshold = 0.6
-    c.eval.pre_nms_topk = 1000
-    c.eval.max_detections = 100
+    atss_blocks.atss_eval(c.eval)
     if "detclipv2_l" in variants:
         t.steps = 600_000
     if "lvis" in variants:
-        c.data.kind = "lvis"
-        c.data.val_instances = "data/lvis/lvis_v1_minival.json"
-        c.data.val_images = "data/coco"
-        c.eval.metric = "lvis"
-        c.eval.max_detections = 300
+        atss_blocks.lvis_minival(c)
         c.eval.score_threshold = 0.0
     if "smoke" in variants:
         apply_smoke(c)
     return c
 
 
-def _small_model(c: ml_collections.ConfigDict, *, channels: int, bert_hidden: int,
-                 bert_layers: int) -> None:
-    m = c.model
-    m.backbone = "tiny"
-    m.backbone_overrides = ml_collections.ConfigDict({"width": 8})
-    m.channels = channels
-    m.strides = (8, 16, 32)
-    # Several channels per group: with one channel per group GroupNorm cancels the preceding
-    # conv's bias exactly, leaving it a gradient of pure rounding noise.
-    m.gn_groups = max(1, channels // 4)
-    m.bert = ml_collections.ConfigDict(dict(
-        glip.BERT_BASE, hidden_size=bert_hidden, num_hidden_layers=bert_layers,
-        num_attention_heads=max(1, bert_hidden // 16), intermediate_size=2 * bert_hidden,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    ))
+def _small_model(m: ml_collections.ConfigDict, *, channels: int, bert_layers: int,
+                 num_convs: int, num_proposals: int, proposal_pre_nms_topk: int) -> None:
+    """Shrinks `m` (config.model): the tiny backbone with a `channels`-wide FPN, a BERT of
+    `bert_layers` layers as wide as the FPN (16-wide heads, no dropout), `num_convs` convs per
+    head tower and `num_proposals` of `proposal_pre_nms_topk` image-text proposals."""
+    atss_blocks.tiny_backbone(m, channels=channels)
+    m.bert = atss_blocks.small_bert(hidden_size=channels, num_layers=bert_layers,
+                                    num_heads=max(1, channels // 16), dropout=0.0)
+    m.num_convs = num_convs
+    m.num_proposals = num_proposals
+    m.proposal_pre_nms_topk = proposal_pre_nms_topk
 
 
 def _synthetic(c: ml_collections.ConfigDict) -> None:
+    """Every input from the built-in synthetic set (detection, grounding, image-text captions,
+    WordPiece vocab of 16-token concepts), float32, one learning rate for all towers."""
     d = c.data
     d.kind = "coco"
     d.synthetic = True
     d.min_size, d.max_size, d.train_min_sizes = 0, 0, ()
     d.split_file = ""
     d.split = ""
-    d.grounding_train = ()
-    d.grounding_images = ()
-    d.grounding_val = ""
-    d.grounding_val_images = ""
-    d.grounding_copies = 1
+    atss_blocks.synthetic_grounding(d)
     it = c.image_text
     it.source = "synthetic"
     it.concept_parser = "fallback"
-    t = c.text
-    t.tokenizer = "wordpiece"
-    t.vocab_file = ""
-    t.templates = ("{}",)
-    t.trainable = True
+    it.concepts_per_caption = 4
+    atss_blocks.synthetic_vocab_text(c.text, context_length=16)
     c.dtype = "float32"
     c.optim.lr_multipliers = ()
 
@@ -214,37 +169,20 @@ def _synthetic(c: ml_collections.ConfigDict) -> None:
 def apply_smoke(c: ml_collections.ConfigDict) -> None:
     """Tiny DetCLIPv2 on a tiny synthetic set: one step of each data type, then evaluation."""
     _synthetic(c)
-    d = c.data
-    d.root = "data_cache/synthetic_smoke"
-    d.synthetic_num_train = 16
-    d.synthetic_num_val = 8
-    d.synthetic_image_size = 64
-    d.image_size = 64
-    d.max_boxes = 4
-    d.max_concepts = 4
-    d.num_negatives = 2
+    common.smoke_synthetic_data(c.data)
+    c.data.max_concepts = 4
+    c.data.num_negatives = 2
     c.image_text.image_size = 32
-    c.image_text.concepts_per_caption = 4
-    c.text.context_length = 16
-    _small_model(c, channels=16, bert_hidden=16, bert_layers=1)
-    m = c.model
-    m.num_convs = 1
-    m.num_proposals = 4
-    m.proposal_pre_nms_topk = 32
+    _small_model(c.model, channels=16, bert_layers=1, num_convs=1, num_proposals=4,
+                 proposal_pre_nms_topk=32)
     c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 1
+    common.smoke_train(c)
     t = c.train
-    t.batch_sizes = ml_collections.ConfigDict(
-        {"detection": 8, "grounding": 8, "image_text": 16})
-    t.batch_size = 8
-    t.steps = 3
+    _batch_sizes(t, detection=8, grounding=8, image_text=16)
+    # One step of each data type; log each.
+    t.steps = t.checkpoint_every = 3
     t.log_every = 1
-    t.checkpoint_every = 3
-    c.eval.batch_size = 8
-    c.eval.score_threshold = 0.0
-    c.eval.pre_nms_topk = 100
-    c.eval.max_detections = 20
-    c.eval.num_visualizations = 1
+    atss_blocks.smoke_eval(c.eval)
 
 
 def demo_config(c: ml_collections.ConfigDict, *, no_image_text: bool = False,
@@ -269,21 +207,11 @@ def demo_config(c: ml_collections.ConfigDict, *, no_image_text: bool = False,
     d.max_concepts = 8
     d.num_negatives = 6
     c.image_text.image_size = 96
-    c.image_text.concepts_per_caption = 4
-    c.text.context_length = 16
-    _small_model(c, channels=64, bert_hidden=64, bert_layers=2)
-    m = c.model
-    m.num_convs = 2
-    m.num_proposals = 16
-    m.proposal_pre_nms_topk = 200
-    c.optim.learning_rate = 2e-3
-    c.optim.warmup_steps = 50
-    c.optim.weight_decay = 1e-4
-    c.optim.grad_clip_norm = 5.0
+    _small_model(c.model, channels=64, bert_layers=2, num_convs=2, num_proposals=16,
+                 proposal_pre_nms_topk=200)
+    atss_blocks.demo_optimizer(c.optim)
     t = c.train
-    t.batch_sizes = ml_collections.ConfigDict(
-        {"detection": 16, "grounding": 16, "image_text": 32})
-    t.batch_size = 16
+    _batch_sizes(t, detection=16, grounding=16, image_text=32)
     t.schedule = ("detection", "grounding", "image_text")
     # 1500 steps = 500 detection + 500 grounding + 500 image-text batches.
     t.steps = 1500
@@ -295,10 +223,7 @@ def demo_config(c: ml_collections.ConfigDict, *, no_image_text: bool = False,
         kept = [k for k in t.schedule if k != "image_text"]
         t.steps = int(math.ceil(t.steps * len(kept) / len(t.schedule)))
         t.schedule = tuple(kept)
-    c.eval.score_threshold = 0.0
-    c.eval.nms_threshold = 0.6
-    c.eval.pre_nms_topk = 300
-    c.eval.max_detections = 50
+    atss_blocks.demo_eval(c.eval)
     if smoke:
         apply_smoke(c)
         if no_image_text:

@@ -24,29 +24,19 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common, regionclip
+from configs import atss_blocks, common, regionclip
 
-# BERT-base uncased (HF `bert-base-uncased` config.json).
-BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2,
-                 layer_norm_eps=1e-12, hidden_act="gelu", hidden_dropout_prob=0.1,
-                 attention_probs_dropout_prob=0.1)
+# BERT-base uncased (HF config.json), the default language tower; kept under this name for the
+# checkpoint converter and tests.
+BERT_BASE = atss_blocks.BERT_BASE
 
 
 def glip_model(backbone: str = "swin_t", num_fusion_layers: int = 6) -> ml_collections.ConfigDict:
-    m = ml_collections.ConfigDict()
-    # "swin_t" | "swin_l" (ovd_jax.models.swin) or a CLIP ResNet preset ("RN50", "tiny", ...).
-    m.backbone = backbone
-    m.backbone_overrides = ml_collections.ConfigDict()
-    m.backbone_levels = ("res3", "res4", "res5")
-    # FPN: output width and strides of its levels (P3..P7: two extra levels on top of P5).
-    m.channels = 256
-    m.strides = (8, 16, 32, 64, 128)
+    """GLIP's model block: the shared ATSS detector (configs/atss_blocks.py) plus DyHead with
+    `num_fusion_layers` vision-language fusion layers and GLIP's loss weights."""
+    m = atss_blocks.atss_model(backbone)
     # GLIP's config enables DropBlock (0.3) on the FPN's merged maps; off by default here.
     m.fpn_drop_block_prob = 0.0
-    # ATSS anchors: one square anchor of side anchor_scale x stride per location.
-    m.anchor_scale = 8.0
-    m.atss_topk = 9
     # DyHead / fusion: num_fusion_layers x [VLFuse -> BertLayer -> DyConv].
     m.num_fusion_layers = num_fusion_layers
     m.early_fusion = True
@@ -62,18 +52,11 @@ def glip_model(backbone: str = "swin_t", num_fusion_layers: int = 6) -> ml_colle
     # "upstream" reproduces how GLIP's deformable kernel reads the coarser level's offsets
     # (needed for its checkpoints); "subsample" is the geometric alternative (see dyhead.py).
     m.dyhead_coarser_offsets = "upstream"
-    # Language tower: a BertConfig (fields of ovd_jax.models.bert.BertConfig).
-    m.bert = ml_collections.ConfigDict(BERT_BASE)
     # ATSS head and losses (token-level sigmoid focal loss, GIoU, centerness BCE).
     m.log_scale_init = 0.0
-    m.focal_alpha = 0.25
-    m.focal_gamma = 2.0
     m.cls_loss_weight = 1.0
     m.box_loss_weight = 2.0
     m.centerness_loss_weight = 1.0
-    m.remat = False
-    # A checkpoint directory written by `python -m ovd_jax.convert` (empty: random init).
-    m.init_checkpoint = ""
     return m
 
 
@@ -127,32 +110,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = glip_model()
     c.text = glip_text()
     c.data = glip_data()
-    o = c.optim
-    o.learning_rate = 1e-4
-    o.lr_multipliers = (("language_backbone", 0.1),)  # LANG_LR 1e-5
-    o.weight_decay = 1e-4
-    o.warmup_steps = 2000
-    o.grad_clip_norm = 1.0
+    # AdamW lr 1e-4, LANG_LR 1e-5, warmup 2,000, clipping 1.0.
+    atss_blocks.pretraining_optimizer(c.optim, text_tower="language_backbone", weight_decay=1e-4)
     c.train.batch_size = 64
     # ~30 epochs of O365 + GoldG at batch 64.
     c.train.steps = 300_000
     c.train.checkpoint_every = 5000
-    c.eval.score_threshold = 0.05  # ATSS INFERENCE_TH
-    c.eval.nms_threshold = 0.6  # ATSS NMS_TH
-    c.eval.pre_nms_topk = 1000
-    c.eval.max_detections = 100
+    atss_blocks.atss_eval(c.eval)
     if "glip_l" in variants:
         c.model.backbone = "swin_l"
         c.model.num_fusion_layers = 8
-        o.weight_decay = 0.01
+        c.optim.weight_decay = 0.01
         c.train.steps = 1_000_000
     if "lvis" in variants:
-        c.data.kind = "lvis"
-        c.data.val_instances = "data/lvis/lvis_v1_minival.json"
-        c.data.val_images = "data/coco"
+        atss_blocks.lvis_minival(c)
         c.data.eval_chunk_size = 40
-        c.eval.metric = "lvis"
-        c.eval.max_detections = 300
     if "smoke" in variants:
         apply_smoke(c)
     return c
@@ -162,53 +134,22 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
     """Tiny GLIP on a tiny synthetic set: a few CPU steps and an evaluation in seconds."""
     c.dtype = "float32"
     d = c.data
-    d.kind = "coco"
-    d.synthetic = True
-    d.root = "data_cache/synthetic_smoke"
-    d.synthetic_num_train = 16
-    d.synthetic_num_val = 8
-    d.synthetic_image_size = 64
-    d.image_size = 64
-    d.max_boxes = 4
-    d.split_file = ""
-    d.grounding_train = ()
-    d.grounding_images = ()
-    d.grounding_val = ""
-    d.grounding_val_images = ""
+    common.smoke_synthetic_data(d)
+    atss_blocks.synthetic_grounding(d)
     d.num_negatives = 4
     d.eval_chunk_size = 6
-    t = c.text
-    t.tokenizer = "wordpiece"
-    t.vocab_file = ""
-    t.context_length = 24
-    t.templates = ("{}",)
-    t.trainable = True
+    atss_blocks.synthetic_vocab_text(c.text, context_length=24)
     m = c.model
-    m.backbone = "tiny"
-    m.backbone_overrides = ml_collections.ConfigDict({"width": 8})
-    m.channels = 16
-    m.strides = (8, 16, 32)
+    atss_blocks.tiny_backbone(m, channels=16)
     m.num_fusion_layers = 1
     m.fusion_heads = 2
     m.fusion_embed_dim = 16
-    m.gn_groups = 4
     m.dyhead_use_deform = False
-    m.bert = ml_collections.ConfigDict(dict(
-        BERT_BASE, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64,
-    ))
+    m.bert = atss_blocks.small_bert(hidden_size=16, num_layers=1, num_heads=2, dropout=0.1)
     c.optim.lr_multipliers = ()
     c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 1
-    c.train.steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.eval.batch_size = 8
-    c.eval.score_threshold = 0.0
-    c.eval.pre_nms_topk = 100
-    c.eval.max_detections = 20
-    c.eval.num_visualizations = 1
+    common.smoke_train(c)
+    atss_blocks.smoke_eval(c.eval)
 
 
 def demo_config(c: ml_collections.ConfigDict, *, smoke: bool = False
@@ -222,13 +163,11 @@ def demo_config(c: ml_collections.ConfigDict, *, smoke: bool = False
     # a busy 2-core CPU, and one already fuses the streams.
     c.model = glip_model(backbone="tiny", num_fusion_layers=1)
     m = c.model
-    m.backbone_overrides = ml_collections.ConfigDict({"width": 8})
-    m.channels = 64
-    m.strides = (8, 16, 32)  # P3..P5 of a 128 px image: 16x16, 8x8, 4x4 locations
+    # P3..P5 of a 128 px image: 16x16, 8x8, 4x4 locations.
+    atss_blocks.tiny_backbone(m, channels=64)
     m.fusion_heads = 4
     m.fusion_embed_dim = 64
     m.fusion_dropout = 0.0
-    m.gn_groups = 16
     m.dyhead_use_deform = False
     m.dyhead_use_dyrelu = False
     # exp(-log_scale) is the dot product's inverse temperature (upstream's MODEL.DYHEAD.LOG_SCALE,
@@ -237,41 +176,21 @@ def demo_config(c: ml_collections.ConfigDict, *, smoke: bool = False
     # same "object" direction (the colour words collapse first); ~10x sharper logits from the
     # start avoid that (measured: base/novel AP50 0.34/0.27 after 300 steps, 0.06-0.10 at 0).
     m.log_scale_init = -2.3
-    m.bert = ml_collections.ConfigDict(dict(
-        BERT_BASE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    ))
-    t = c.text
-    t.tokenizer = "wordpiece"
-    t.vocab_file = ""
-    t.context_length = 40
-    t.templates = ("{}",)
-    t.trainable = True
+    m.bert = atss_blocks.small_bert(hidden_size=64, num_layers=2, num_heads=4, dropout=0.0)
+    atss_blocks.synthetic_vocab_text(c.text, context_length=40)
     d = c.data
-    d.grounding_train = ()  # the synthetic set's grounding_train.json
-    d.grounding_images = ()
-    d.grounding_copies = 1
+    atss_blocks.synthetic_grounding(d)
     # A few negatives per prompt (upstream: 85 of 365 classes); all 15 base classes in every
     # prompt learned base classes as well but transferred worse to novel ones (0.25 vs 0.34).
     d.num_negatives = 6
     d.eval_chunk_size = 0
-    d.grounding_val = ""  # the synthetic set's grounding_val.json
-    d.grounding_val_images = ""
-    c.optim.learning_rate = 2e-3
-    c.optim.lr_multipliers = ()
-    c.optim.warmup_steps = 50
-    c.optim.weight_decay = 1e-4
-    c.optim.grad_clip_norm = 5.0
+    atss_blocks.demo_optimizer(c.optim)
     # 2000 steps: base / novel AP50 0.674 / 0.413 (600 steps: 0.538 / 0.230; 1200: 0.562 /
     # 0.250), grounding recall@1 0.944.
     c.train.steps = 2000
     c.train.batch_size = 16
     c.train.checkpoint_every = 1000
-    c.eval.score_threshold = 0.0
-    c.eval.nms_threshold = 0.6
-    c.eval.pre_nms_topk = 300
-    c.eval.max_detections = 50
+    atss_blocks.demo_eval(c.eval)
     if smoke:
         apply_smoke(c)
     return c

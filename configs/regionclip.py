@@ -238,18 +238,9 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
     Keeps the recipe's losses, optimiser kind, freezing and text mode; shrinks sizes, uses the
     joint RPN and random init (no checkpoint files needed)."""
     d = c.data
-    d.kind = "coco"
-    d.synthetic = True
-    d.root = "data_cache/synthetic_smoke"
-    d.synthetic_num_train = 16
-    d.synthetic_num_val = 8
-    d.synthetic_image_size = 64
-    d.image_size = 64
+    common.smoke_synthetic_data(d)
     if d.min_size:  # keep the shortest-edge path, at smoke scale
         d.min_size, d.max_size, d.train_min_sizes = 48, 64, (40, 48)
-    d.max_boxes = 4
-    d.split_file = ""
-    d.split = ""
     c.text.tokenizer = "wordpiece"
     c.text.vocab_file = ""
     c.text.context_length = 8
@@ -267,12 +258,6 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
     c.model.rpn_post_nms_topk_test = 16
     c.model.roi_batch_size_per_image = 16
     c.model.pooler_resolution = 4
-    c.train.steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.optim.warmup_steps = 1
+    common.smoke_train(c)
     c.optim.milestones = tuple(m for m in (2, 3) if c.optim.milestones)
-    c.eval.batch_size = 8
-    c.eval.max_detections = 20
-    c.eval.num_visualizations = 1
+    common.smoke_eval(c.eval)

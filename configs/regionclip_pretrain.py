@@ -20,30 +20,14 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import common
+
 
 def image_text_data() -> ml_collections.ConfigDict:
-    """Where the image-text pairs and the concept pool come from (ovd_jax/data/image_text.py)."""
-    it = ml_collections.ConfigDict()
-    it.source = "synthetic"  # "synthetic", "coco_captions" or "tfds"
-    it.captions_json = ""  # coco_captions: a COCO captions JSON ...
-    it.images = ""  # ... and its image folder
-    it.tfds_name = ""  # tfds: a prepared array_record dataset, e.g. a CC3M build
-    it.tfds_split = "train"
-    it.tfds_data_dir = ""
-    it.image_key = "image"
-    it.caption_key = "caption"
-    it.id_key = ""
-    it.hflip = False  # flipping would contradict captions that say left / right
-    # Image-text batch size (0: config.train.batch_size) and input side (0: data.image_size).
-    it.batch_size = 0
-    it.image_size = 0
-    # Concept pool: a file with one concept per line, or (empty) the captions' noun phrases
-    # seen >= min_concept_count times in the first max_caption_scan images' captions.
-    it.concepts_file = ""
-    it.concept_parser = "auto"  # "auto" (spaCy if installed, else fallback), "spacy", "fallback"
-    it.min_concept_count = 2
-    it.max_concepts = 0  # 0: no cap
-    it.max_caption_scan = 100_000
+    """The pretraining stages' image-text pairs and concept pool (ovd_jax/data/image_text.py):
+    the synthetic set's captions by default, images at data.image_size."""
+    it = common.image_text_pairs(source="synthetic", tfds_name="", image_size=0)
+    it.batch_size = 0  # image-text batch size (0: config.train.batch_size)
     return it
 
 
@@ -128,9 +112,7 @@ def demo_pretrain(c: ml_collections.ConfigDict, *, smoke: bool) -> ml_collection
     c.train.checkpoint_every = 400
     if smoke:
         _smoke(c)
-        c.pretrain.proposals_per_image = 16
-        c.pretrain.proposal_pre_nms_topk = 64
-        c.pretrain.regions_per_image = 8
+        _smoke_regions(c.pretrain)
     return c
 
 
@@ -153,10 +135,8 @@ def regionclip_pretrain(c: ml_collections.ConfigDict, *, smoke: bool
     c.model.score = "sqrt_objectness"
     if smoke:
         _smoke(c)
+        _smoke_regions(c.pretrain)
         c.model.teacher = ""
-        c.pretrain.proposals_per_image = 16
-        c.pretrain.proposal_pre_nms_topk = 64
-        c.pretrain.regions_per_image = 8
         return c
     c.model.teacher = "ckpt/clip_rn50"
     c.image_text.source = "tfds"
@@ -185,8 +165,12 @@ def regionclip_pretrain(c: ml_collections.ConfigDict, *, smoke: bool
 def _smoke(c: ml_collections.ConfigDict) -> None:
     """Seconds on a CPU; captions need a longer context than the smoke prompts."""
     c.text.context_length = 24
-    c.train.steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.checkpoint_every = 2
-    c.optim.warmup_steps = 1
+    common.smoke_train(c)
+
+
+def _smoke_regions(p: ml_collections.ConfigDict) -> None:
+    """Smoke sizes of the pretraining block `p` (config.pretrain): 16 proposals per image from
+    the top 64 before NMS, 8 of them sampled as regions."""
+    p.proposals_per_image = 16
+    p.proposal_pre_nms_topk = 64
+    p.regions_per_image = 8

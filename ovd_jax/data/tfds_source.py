@@ -37,6 +37,37 @@ def _image_size(data: bytes, name: str) -> tuple[int, int]:
     return h, w
 
 
+def _read_image(example: dict, key: str, name: str) -> tuple[bytes | np.ndarray, int, int]:
+    """The image feature `key` of one TFDS example -> (image, height, width): encoded bytes
+    (only the header is read for the size) or an already decoded uint8 [H, W, 3] array (a data
+    source without SkipDecoding), returned as is. `name` labels the example in errors."""
+    data = example[key]
+    if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3:
+        h, w = data.shape[:2]
+        return data, int(h), int(w)
+    if isinstance(data, bytes | bytearray):
+        h, w = _image_size(data, name)
+        return bytes(data), int(h), int(w)
+    raise ValueError(f"TFDS example {name}: {key!r} is {type(data).__name__}; expected encoded "
+                     "image bytes or a uint8 [H, W, 3] array.")
+
+
+def _open_source(name: str, split: str, data_dir: str | None, image_key: str):
+    """`tfds.data_source` over a prepared array_record split, images left encoded; nothing is
+    downloaded. A missing or unprepared dataset is a ValueError saying how to prepare it."""
+    import tensorflow_datasets as tfds  # optional dependency: imported only when used
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                decoders={image_key: tfds.decode.SkipDecoding()})
+    except Exception as e:  # TFDS raises a variety of errors for absent/unprepared datasets
+        raise ValueError(
+            f"cannot open TFDS dataset {name!r} split {split!r} in data_dir={data_dir!r} ({e}). "
+            f"Prepare it first in array_record format (e.g. `tfds build {name} "
+            "--file_format=array_record`) and point data_dir at it."
+        ) from e
+
+
 def convert_example(
     example: dict,
     *,
@@ -46,14 +77,7 @@ def convert_example(
     name: str = "",
 ) -> dict:
     """One TFDS COCO-style example (image kept as encoded bytes) -> a detection record."""
-    data = example[image_key]
-    if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3:
-        h, w = data.shape[:2]  # already decoded (a data source without SkipDecoding)
-    elif isinstance(data, bytes | bytearray):
-        h, w = _image_size(data, name)
-    else:
-        raise ValueError(f"TFDS example {name}: {image_key!r} is {type(data).__name__}; expected "
-                         "encoded image bytes or a uint8 [H, W, 3] array.")
+    image, h, w = _read_image(example, image_key, name)
     objects = example[objects_key]
     bbox = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)
     if bbox.size and (bbox.min() < -1e-3 or bbox.max() > 1 + 1e-3):
@@ -67,9 +91,9 @@ def convert_example(
         raise ValueError(f"TFDS example {name}: objects/bbox, label and is_crowd differ in length.")
     return {
         "image_id": int(example[id_key]),
-        "image": bytes(data) if not isinstance(data, np.ndarray) else data,
-        "height": int(h),
-        "width": int(w),
+        "image": image,
+        "height": h,
+        "width": w,
         "boxes": boxes.astype(np.float32),
         "category_ids": labels,
         "iscrowd": crowd,
@@ -124,19 +148,7 @@ def load_tfds_detection(
       A `DetectionDataset` whose `records` is a lazy `TfdsRecords` sequence (category id = the
       ClassLabel index; class names from the ClassLabel feature).
     """
-    import tensorflow_datasets as tfds  # optional dependency: imported only when used
-
-    try:
-        source = tfds.data_source(
-            name, split=split, data_dir=data_dir, download=False,
-            decoders={image_key: tfds.decode.SkipDecoding()},
-        )
-    except Exception as e:  # TFDS raises a variety of errors for absent/unprepared datasets
-        raise ValueError(
-            f"cannot open TFDS dataset {name!r} split {split!r} in data_dir={data_dir!r} ({e}). "
-            "Prepare it first in array_record format (e.g. `tfds build coco/2017 "
-            "--file_format=array_record`) and point data_dir at it."
-        ) from e
+    source = _open_source(name, split, data_dir, image_key)
     features = source.dataset_info.features
     try:
         class_names = list(features[objects_key]["label"].names)
@@ -217,18 +229,10 @@ class TfdsCaptionRecords(Sequence):
         index = index % len(self)
         name = f"{self._name}[{index}]"
         ex = self._source[index]
-        data = ex[self._image_key]
-        if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3:
-            h, w = data.shape[:2]
-        elif isinstance(data, bytes | bytearray):
-            h, w = _image_size(data, name)
-            data = bytes(data)
-        else:
-            raise ValueError(f"TFDS example {name}: {self._image_key!r} is "
-                             f"{type(data).__name__}; expected encoded image bytes.")
+        image, h, w = _read_image(ex, self._image_key, name)
         return {
             "image_id": int(ex[self._id_key]) if self._id_key else int(index),
-            "image": data, "height": int(h), "width": int(w),
+            "image": image, "height": h, "width": w,
             "captions": _texts(ex[self._caption_key], name),
         }
 
@@ -258,16 +262,7 @@ def load_tfds_captions(
       records usable by `ovd_jax.data.pipeline.make_caption_loader` (image bytes decoded in the
       grain workers).
     """
-    import tensorflow_datasets as tfds  # optional dependency: imported only when used
-
-    try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                                  decoders={image_key: tfds.decode.SkipDecoding()})
-    except Exception as e:  # TFDS raises a variety of errors for absent/unprepared datasets
-        raise ValueError(
-            f"cannot open TFDS dataset {name!r} split {split!r} in data_dir={data_dir!r} ({e}). "
-            "Prepare it first in array_record format and point data_dir at it."
-        ) from e
+    source = _open_source(name, split, data_dir, image_key)
     features = source.dataset_info.features
     for key in (image_key, caption_key, *([id_key] if id_key else [])):
         if key not in features:

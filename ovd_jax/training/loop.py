@@ -1,8 +1,14 @@
 """The training loop: data, sharded state, checkpoint/resume, logging, evaluation at the end.
 
 `train_and_evaluate(config, workdir)` is what `train.py` calls. It resumes automatically from
-the newest checkpoint in `<workdir>/checkpoints` (parameters, optimizer, step, data-iterator
-state), and on SIGTERM saves a checkpoint and returns cleanly.
+the newest checkpoint in `<workdir>/checkpoints` that restores completely (parameters, optimizer,
+step, data-iterator state; a damaged newer one is reported and set aside), refusing one trained
+with a different model, text side, input size or vocabulary unless
+`config.train.allow_config_change`. On SIGTERM it saves a checkpoint and returns cleanly. A step
+whose loss or gradients are not finite is never applied; the run stops naming it (or skips up to
+`config.train.skip_nonfinite` of them), and no checkpoint is written past a step it stopped at.
+Side files (config.json, train_losses.json, metrics.jsonl) survive a hard kill: JSON files are
+replaced atomically, metrics after the restored step are dropped on restart.
 """
 
 from __future__ import annotations
@@ -13,14 +19,14 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from tqdm import tqdm
 
 from ovd_jax.data.unified import DATA_TYPE_KEY
+from ovd_jax.evaluation.metrics_only import write_json_atomic
 from ovd_jax.training import checkpoint as ckpt
 from ovd_jax.training import evaluate as evaluation
+from ovd_jax.training import faults
 from ovd_jax.training import sharding as shd
 from ovd_jax.training import train_step as ts
 from ovd_jax.training.experiment import build_experiment
@@ -51,13 +57,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-@jax.jit
-def _first_nonfinite(first, loss, step):
-    """The first step whose loss is not finite: `first` if already set (>= 0), else `step` when
-    `loss` is NaN/inf, else -1. int32 scalar."""
-    return jnp.where((first < 0) & ~jnp.isfinite(loss), jnp.int32(step), first)
-
-
 def make_train_loader(exp, *, num_epochs=None):
     """The method's training input pipeline (per-process batches)."""
     return exp.method.make_train_loader(exp, num_epochs=num_epochs)
@@ -70,6 +69,44 @@ def checkpoint_meta(exp, state) -> dict:
         "train_classes": list(exp.train_classes),
         "config": json.loads(exp.config.to_json_best_effort()),
     }
+
+
+def _abstract(state, shardings):
+    """ShapeDtypeStructs of `state` carrying `shardings` (what orbax restores onto)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                        shardings)
+
+
+def _restore(exp, checkpointer, state, state_shardings, meta):
+    """The newest restorable checkpoint, checked against this run's config.
+
+    Returns (state, data-iterator state or {}, the checkpoint's meta or {}, its step or None).
+    """
+    allow = bool(exp.config.train.get("allow_config_change", False))
+
+    def check(where, saved):
+        faults.check_resume_config(saved, meta["config"], meta["train_classes"], where=where,
+                                   allow_change=allow)
+
+    found = checkpointer.restore_newest(_abstract(state, state_shardings), meta, check)
+    if found is None:
+        return state, {}, {}, None
+    step, state, data_state, saved = found
+    if jax.process_index() == 0:
+        print(f"resumed from {checkpointer.step_dir(step)}")
+    return state, data_state, saved, step
+
+
+def _write_json(obj, path: str) -> None:
+    """Process 0 writes `obj` to `path` atomically (a hard kill leaves the old or new file)."""
+    if jax.process_index() == 0:
+        write_json_atomic(obj, path)
+
+
+def _fetch(pending: list) -> list:
+    """(step, host metrics, image ids) of the pending (step, device metrics, ids) entries."""
+    host = jax.device_get([m for _, m, _ in pending])
+    return [(step, m, ids) for (step, _, ids), m in zip(pending, host)]
 
 
 def restore_for_eval(exp, mesh, checkpoint_path: str):
@@ -89,11 +126,8 @@ def restore_for_eval(exp, mesh, checkpoint_path: str):
     if step is None:
         raise ValueError(f"{path} holds no finished checkpoint; train first or fix --checkpoint.")
     state, state_shardings, _ = ts.create_train_state(exp, mesh, jax.random.key(0))
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings
-    )
     meta = {"method": exp.config.method, "param_fingerprint": ckpt.param_fingerprint(state.params)}
-    state, _ = checkpointer.restore(step, abstract, meta)
+    state, _ = checkpointer.restore(step, _abstract(state, state_shardings), meta)
     checkpointer.close()
     return state.variables(), step
 
@@ -104,7 +138,9 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
 
     `max_steps` stops early after that many total steps (the schedule still follows
     `config.train.steps`); used to test resumption. Returns the final metrics ({} when the
-    evaluation is skipped or the run was stopped by a signal).
+    evaluation is skipped or the run was stopped by a signal). Raises faults.NonFiniteError
+    (a FloatingPointError and ValueError) when more than `config.train.skip_nonfinite` steps had
+    a NaN/Inf loss or gradient.
     """
     os.makedirs(workdir, exist_ok=True)
     exp = build_experiment(config)
@@ -130,37 +166,33 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
 
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), config.train.keep_checkpoints)
     meta = checkpoint_meta(exp, state)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-            state_shardings,
-        )
-        state, data_state = checkpointer.restore(latest, abstract, meta)
-        if data_state:
-            iterator.set_state(data_state)
-        if jax.process_index() == 0:
-            print(f"resumed from {checkpointer.directory}/{latest}")
+    state, data_state, saved_meta, newest = _restore(exp, checkpointer, state, state_shardings,
+                                                     meta)
+    if data_state:
+        iterator.set_state(data_state)
+    # Skips used before a restart count towards the limit (kept in the checkpoint meta).
+    guard = faults.NonFiniteGuard(int(config.train.get("skip_nonfinite", 0)),
+                                  int(saved_meta.get("nonfinite_skipped", 0)))
+    _write_json(json.loads(config.to_json_best_effort()), os.path.join(workdir, "config.json"))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=1))
         overview = shd.overview(state.params, state_shardings.params)
         logging.info("parameters:\n%s", overview)
         if progress:
             print(overview.splitlines()[0])
 
-    writer = MetricWriter(workdir)
     total = int(config.train.steps) if max_steps is None else min(max_steps, config.train.steps)
     start = int(jax.device_get(state.step))
+    will_eval = bool(config.train.eval_at_end) and max_steps is None
+    writer = MetricWriter(workdir, resume_step=start,
+                          rewrite_prefixes=("eval",) if will_eval else ())
     step_key = jax.random.fold_in(root_key, 1)
     stopped = False
     history = []
     logged = {}  # newest metrics of every data type, written together
-    # Metrics stay on the devices until a log/checkpoint step fetches them all at once; the
-    # first step with a non-finite loss is tracked on the devices meanwhile (every step checked,
-    # no host sync per step).
+    # Metrics stay on the devices until a log/checkpoint step fetches them all at once (no host
+    # sync per step); every fetched step is checked for a non-finite loss/gradient before any
+    # checkpoint is written. The image ids stay on the host for the report.
     pending = []
-    first_bad = jax.device_put(np.int32(-1), shd.replicated(mesh))
     log_every = int(config.train.log_every)
     t0 = time.time()
     with _StopFlag() as flag, tqdm(total=total, initial=start, desc="train", unit="step",
@@ -174,8 +206,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
             state, metrics = step_fns[kind](state, ts.device_batch(exp, batch, mesh, kind),
                                             step_key)
             done = step + 1
-            pending.append(metrics)
-            first_bad = _first_nonfinite(first_bad, metrics["loss"], done)
+            pending.append((done, metrics, batch.get("image_id")))
             if jax.default_backend() == "cpu":
                 # The CPU backend can deadlock in all-reduces of back-to-back sharded steps;
                 # accelerators run ahead of the host.
@@ -183,33 +214,31 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
             bar.update(1)
             save = flag.stop or done % config.train.checkpoint_every == 0 or done == total
             if save or done % log_every == 0:
-                fetched, bad = jax.device_get((pending, first_bad))
-                pending = []
-                for m in fetched:
+                records, pending = _fetch(pending), []
+                guard.check(records, newest)  # raises before any checkpoint past a bad step
+                for _, m, _ in records:
                     logged.update(m)
                     history.append(float(m["loss"]))
+                logged.pop("nonfinite", None)
+                logged["nonfinite_skipped"] = guard.skipped
                 bar.set_postfix(loss=f"{history[-1]:.3f}")
-                if bad >= 0:  # before any checkpoint of the broken state
-                    raise FloatingPointError(
-                        f"loss is {history[bad - start - 1]} at step {bad}; lower "
-                        "config.optim.learning_rate or check the data."
-                    )
             if done % log_every == 0 or done == total:
                 writer.scalars(done, logged)
                 writer.scalars(done, {"steps_per_sec": (done - start) / (time.time() - t0)},
                                prefix="perf")
             if save:
+                meta["nonfinite_skipped"] = guard.skipped
                 checkpointer.save(done, state, iterator.get_state(), meta, force=True)
+                newest = done
             if flag.stop:
                 stopped = True
                 break
     checkpointer.close()
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "train_losses.json"), "w", encoding="utf-8") as f:
-            json.dump({"start_step": start, "losses": history}, f)
+    _write_json({"start_step": start, "losses": history},
+                os.path.join(workdir, "train_losses.json"))
 
     metrics = {}
-    if config.train.eval_at_end and not stopped and max_steps is None:
+    if will_eval and not stopped:
         variables = state.variables()
         metrics = evaluation.evaluate(exp, variables, mesh, workdir, progress=progress)
         writer.scalars(total, {k: v for k, v in metrics.items() if isinstance(v, float)},

@@ -76,8 +76,17 @@ def _typed(data_type):
     return {} if data_type is None else {"data_type": data_type}
 
 
+def _keep_if(ok, new, old):
+    """`new` where the scalar bool `ok`, else `old` (leafwise; dtypes of `old`)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o).astype(o.dtype), new, old)
+
+
 def make_train_step(exp, tx, mesh, state_shardings, constants, data_type=None):
     """Returns a jitted `step(state, batch, key) -> (state, metrics)`.
+
+    `metrics` holds the method's loss terms, `grad_norm`, `learning_rate` and `nonfinite`
+    (int32 1 when the loss, gradients or update held a NaN/Inf: that update was not
+    applied).
 
     The step is a pure function; the state is donated. `key` is the run's root key: the step
     folds in the step number, so a resumed run draws exactly the same randomness.
@@ -101,11 +110,19 @@ def make_train_step(exp, tx, mesh, state_shardings, constants, data_type=None):
                 **_typed(data_type),
             )
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                       learning_rate=schedule(state.step))
+        grad_norm = optax.global_norm(grads)
+        # A NaN/Inf loss, gradient or update is never applied: the old parameters and optimizer
+        # state are kept (the loop reports the step, and stops or skips it: config.train.
+        # skip_nonfinite). The step counter still advances, so step == batches consumed and the
+        # learning-rate schedule, rng and data position stay those of an uninterrupted run.
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optax.global_norm(updates)))
+        params, opt_state = _keep_if(finite, (params, opt_state), (state.params, state.opt_state))
+        metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                       nonfinite=(~finite).astype(jnp.int32))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
