@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_at_end = True
     # Batch per step over all processes; must divide by the data-parallel mesh size.
     c.train.batch_size = 16
+    # Gradient accumulation: each step averages the gradients of this many micro-batches of its
+    # batch (one update per step; activations of one micro-batch at a time).
+    c.train.grad_accum_steps = 1
     # A step whose loss or gradients are NaN/Inf is never applied. 0: stop at the first one
     # (naming the step, its image ids and the non-finite loss terms); N: skip up to N of them
     # over the whole run (each logged, counted in the metric train/nonfinite_skipped).

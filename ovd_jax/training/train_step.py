@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ovd_jax.training import sharding as shd
 from ovd_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -81,6 +82,50 @@ def _keep_if(ok, new, old):
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o).astype(o.dtype), new, old)
 
 
+def micro_batches(batch: dict, accum: int, mesh=None) -> dict:
+    """Splits every array of `batch` ([B, ...]) into `accum` micro-batches: [accum, B/accum,
+    ...]. Row r goes to micro-batch r % accum, so with the batch axis split over the devices in
+    contiguous blocks, each device's rows are shared evenly among the micro-batches and no row
+    changes device. With `mesh`, the micro-batch axis stays sharded over the batch axes."""
+
+    def split(x):
+        if x.shape[0] % accum:
+            raise ValueError(f"a batch of {x.shape[0]} does not split into {accum} micro-batches "
+                             "(config.train.grad_accum_steps); make the batch size a multiple.")
+        x = jnp.moveaxis(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 1, 0)
+        if mesh is not None:
+            x = jax.lax.with_sharding_constraint(
+                x, NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES)))
+        return x
+
+    return jax.tree.map(split, batch)
+
+
+def accumulated_value_and_grad(loss_fn, params, batch: dict, rng, accum: int, mesh=None):
+    """`((loss, metrics), grads)` of `loss_fn(params, batch, rng) -> (loss, metrics)`, averaged
+    over `accum` micro-batches (`micro_batches`) evaluated one after another with `lax.scan`, so
+    only one micro-batch's activations are live at a time. Micro-batch i draws its randomness
+    from `fold_in(rng, i)`. `accum == 1` is plain `value_and_grad` on the whole batch with `rng`.
+    Metrics (scalars) are averaged like the loss."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+        return grad_fn(params, batch, rng)
+    micro = micro_batches(batch, accum, mesh)
+
+    def body(carry, xs):
+        i, mb = xs
+        out = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(lambda a, b: a + (b / accum).astype(a.dtype), carry, out), None
+
+    # Integer metrics (e.g. counts) are averaged in float32.
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype if jnp.issubdtype(
+                             s.dtype, jnp.floating) else jnp.float32),
+                         jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro),
+                                        rng))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    return total
+
+
 def make_train_step(exp, tx, mesh, state_shardings, constants, data_type=None):
     """Returns a jitted `step(state, batch, key) -> (state, metrics)`.
 
@@ -93,7 +138,10 @@ def make_train_step(exp, tx, mesh, state_shardings, constants, data_type=None):
     `constants` is the method's `train_constants(exp, variables)`: passed to the compiled step
     as a replicated argument (not closed over, so large ones are not baked into the program).
     `data_type` (methods with `data_types`): the step of that type's batches; the method's
-    `device_keys` and `train_loss` receive it. `step.jitted` is the underlying jitted function.
+    `device_keys` and `train_loss` receive it. `config.train.grad_accum_steps` = k > 1 averages
+    the loss and gradients of k micro-batches of the batch (`accumulated_value_and_grad`): one
+    update per step, 1/k of the activation memory. `step.jitted` is the underlying jitted
+    function.
     """
     config = exp.config
     rules = shd.rules_tuple(config.sharding.rules)
@@ -101,16 +149,26 @@ def make_train_step(exp, tx, mesh, state_shardings, constants, data_type=None):
     keys = tuple(exp.method.device_keys(config, **_typed(data_type)))
     constants = jax.device_put(constants, shd.replicated(mesh))
 
+    accum = int(config.train.get("grad_accum_steps", 1))
+    per_device = global_batch_size(exp, data_type) // max(shd.data_parallel_size(mesh), 1)
+    if accum < 1 or per_device % accum:
+        raise ValueError(
+            f"config.train.grad_accum_steps={accum} must be >= 1 and divide the batch on each "
+            f"data-parallel device ({per_device} = {global_batch_size(exp, data_type)} / "
+            f"{shd.data_parallel_size(mesh)} devices); change it or the batch size."
+        )
+
     def step(state: TrainState, batch, consts, key):
         rng = jax.random.fold_in(key, state.step)
 
-        def loss_fn(params):
+        def loss_fn(params, b, r):
             return exp.method.train_loss(
-                exp.model, params, state.model_state, batch, consts, rng, config,
+                exp.model, params, state.model_state, b, consts, r, config,
                 **_typed(data_type),
             )
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, metrics), grads = accumulated_value_and_grad(loss_fn, state.params, batch, rng,
+                                                            accum, mesh)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
