@@ -12,7 +12,7 @@ Metrics-only mode (no model):
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ovd_jax.training.cli import parse_flags
+from ovd_jax.training import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Recipe file (default: the run's config.json).",
@@ -29,14 +29,8 @@ flags.DEFINE_enum("metric", "coco", ["coco", "lvis"], "Metrics-only: which proto
 flags.DEFINE_bool("fixed_ap", False, "Metrics-only, LVIS: the 'fixed AP' protocol.")
 flags.DEFINE_string("split_file", None, "Metrics-only: base/novel split JSON.")
 flags.DEFINE_string("output", None, "Metrics-only: metrics JSON to write.")
-flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() with the layout detected from the environment "
-                  "(TPU pods, SLURM, Open MPI); implied by the three flags below.")
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-process: host:port of process 0 (jax.distributed.initialize).")
-flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes take part.")
-flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0-based.")
-flags.DEFINE_bool("progress", True, "Show progress bars.")
+cli.define_runtime_flags()
+flags.adopt_module_key_flags(cli)  # listed by --help
 
 
 def main(argv):
@@ -54,13 +48,11 @@ def main(argv):
         return
     from ovd_jax.training import launch
 
-    launch.setup_runtime(distributed=FLAGS.distributed,
-                         coordinator_address=FLAGS.coordinator_address,
-                         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    launch.setup_runtime_from_flags()
     launch.evaluate_model(FLAGS.config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                           output_dir=FLAGS.output_dir, protocol=FLAGS.protocol,
                           progress=FLAGS.progress)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

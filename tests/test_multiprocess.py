@@ -40,7 +40,7 @@ def keep(config, workdir, **kw):
         json.dump({{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}, f)
     return metrics
 launch.train = keep
-app.run(train.main, flags_parser=train.parse_flags)
+app.run(train.main, flags_parser=train.cli.parse_flags)
 """
 
 

@@ -92,20 +92,27 @@ def _regionclip_encode(model, config):
     return encode
 
 
+def _regionclip_forward(model, config, params, images, image_hw):
+    """The detector up to its refined boxes: (region embeddings [N, P, D], refined boxes
+    [N, P, 4] clipped to each image, proposal logits [N, P], proposal validity [N, P])."""
+    variables = _variables(params)
+    res4 = model.apply(variables, images, method=RegionCLIPDetector.backbone)
+    offline = params.get("constants", {}).get("offline_rpn")
+    proposals, prop_logits, valid, _, _ = regionclip_method._proposals(  # noqa: SLF001
+        model, variables, res4, images, image_hw, offline, config, train=False)
+    emb, deltas = model.apply(variables, res4, proposals,
+                              method=RegionCLIPDetector.region_features)
+    boxes = box_ops.BoxCoder(weights=tuple(config.model.box_reg_weights)).decode(deltas,
+                                                                                 proposals)
+    boxes = box_ops.clip_boxes(boxes, image_hw[:, None, 0], image_hw[:, None, 1])
+    return emb, boxes, prop_logits, valid
+
+
 def _regionclip_regions(model, config):
     """Proposals refined by the class-agnostic box head, with their region embeddings."""
-    m = config.model
 
     def regions(params, images, image_hw):
-        variables = _variables(params)
-        res4 = model.apply(variables, images, method=RegionCLIPDetector.backbone)
-        offline = params.get("constants", {}).get("offline_rpn")
-        proposals, _, valid, _, _ = regionclip_method._proposals(  # noqa: SLF001
-            model, variables, res4, images, image_hw, offline, config, train=False)
-        emb, deltas = model.apply(variables, res4, proposals,
-                                  method=RegionCLIPDetector.region_features)
-        boxes = box_ops.BoxCoder(weights=tuple(m.box_reg_weights)).decode(deltas, proposals)
-        boxes = box_ops.clip_boxes(boxes, image_hw[:, None, 0], image_hw[:, None, 1])
+        emb, boxes, _, valid = _regionclip_forward(model, config, params, images, image_hw)
         return {"boxes": boxes, "embeddings": emb, "valid": valid}
 
     return regions
@@ -117,13 +124,8 @@ def _regionclip_detect(model, config):
     m, e = config.model, config.eval
 
     def detect(params, images, image_hw, queries):
-        variables = _variables(params)
-        res4 = model.apply(variables, images, method=RegionCLIPDetector.backbone)
-        offline = params.get("constants", {}).get("offline_rpn")
-        proposals, prop_logits, prop_valid, _, _ = regionclip_method._proposals(  # noqa: SLF001
-            model, variables, res4, images, image_hw, offline, config, train=False)
-        region_emb, box_deltas = model.apply(variables, res4, proposals,
-                                             method=RegionCLIPDetector.region_features)
+        region_emb, boxes, prop_logits, prop_valid = _regionclip_forward(
+            model, config, params, images, image_hw)
         logits = rc_losses.region_logits(region_emb, queries["emb"], m.temperature)
         keep = jnp.concatenate([jnp.ones((1,), bool), queries["valid"]])
         logits = jnp.where(keep, logits, -jnp.inf)
@@ -133,9 +135,6 @@ def _regionclip_detect(model, config):
         elif m.score != "softmax":
             raise ValueError(f"config.model.score={m.score!r}: use 'softmax' or "
                              "'sqrt_objectness'")
-        coder = box_ops.BoxCoder(weights=tuple(m.box_reg_weights))
-        boxes = coder.decode(box_deltas, proposals)
-        boxes = box_ops.clip_boxes(boxes, image_hw[:, None, 0], image_hw[:, None, 1])
         return jax.vmap(lambda b, p, v: regionclip_method.per_class_nms(b, p, v, e))(
             boxes, probs, prop_valid)
 

@@ -88,3 +88,17 @@ def parse_flags(argv: list[str]) -> list[str]:
                 "string or tuple)" if "--config." in str(e) else "")
         sys.stderr.write(f"error: {e}{hint}\n")
         sys.exit(2)
+
+
+def define_runtime_flags() -> None:
+    """Defines the flags both entry points take: `--distributed`, `--coordinator_address`,
+    `--num_processes`, `--process_id` (see `launch.setup_runtime`) and `--progress`. The entry
+    point lists them in its `--help` with `flags.adopt_module_key_flags(cli)`."""
+    flags.DEFINE_bool("distributed", False,
+                      "Call jax.distributed.initialize() with the layout detected from the "
+                      "environment (TPU pods, SLURM, Open MPI); implied by the three flags below.")
+    flags.DEFINE_string("coordinator_address", None,
+                        "Multi-process: host:port of process 0 (jax.distributed.initialize).")
+    flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes take part.")
+    flags.DEFINE_integer("process_id", None, "Multi-process: this process's index, 0-based.")
+    flags.DEFINE_bool("progress", True, "Show progress bars.")

@@ -7,7 +7,7 @@ import os
 
 import jax
 import ml_collections
-from absl import logging
+from absl import flags, logging
 
 from ovd_jax.training import evaluate as evaluation
 from ovd_jax.training import loop
@@ -45,6 +45,13 @@ def setup_runtime(*, distributed: bool = False, coordinator_address: str | None 
     logging.info("process %d/%d, %d devices (%d local): %s", jax.process_index(),
                  jax.process_count(), jax.device_count(), jax.local_device_count(),
                  jax.devices()[:8])
+
+
+def setup_runtime_from_flags() -> None:
+    """`setup_runtime` with the values of the flags `cli.define_runtime_flags` defined."""
+    f = flags.FLAGS
+    setup_runtime(distributed=f.distributed, coordinator_address=f.coordinator_address,
+                  num_processes=f.num_processes, process_id=f.process_id)
 
 
 def train(config, workdir: str, *, progress: bool = True) -> dict:
