@@ -37,3 +37,17 @@ def one_train_step(exp, devices, batch):
     new_state, metrics = step(state, dev_batch, jax.random.key(1))
     jax.block_until_ready(new_state)
     return jax.device_get(new_state.params), jax.device_get(metrics), new_state, dev_batch
+
+
+def assert_trees_allclose(actual, expected, *, rtol, atol, label: str = ""):
+    """Every leaf of `actual` close to the leaf at the same path of `expected` (nested dicts);
+    a failure names `label` and the leaf's path."""
+    import jax
+    import numpy as np
+
+    for path, a in jax.tree_util.tree_leaves_with_path(actual):
+        b = expected
+        for k in path:
+            b = b[k.key]
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol,
+                                   err_msg=f"{label} {jax.tree_util.keystr(path)}".strip())

@@ -8,7 +8,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from helpers import smoke_config
+from helpers import assert_trees_allclose, smoke_config
 
 from ovd_jax.training import sharding as shd
 from ovd_jax.training import train_step as ts
@@ -84,12 +84,7 @@ def test_eight_devices_equal_one_and_compile_once(sgd_exp, kind):
     assert step8.jitted._cache_size() == 1
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-4, atol=1e-6)
     assert np.isfinite(m8["loss"]) and m8["loss"] > 0
-    for path, a in jax.tree_util.tree_leaves_with_path(p8):
-        b = p1
-        for k in path:
-            b = b[k.key]
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6,
-                                   err_msg=f"{kind} {jax.tree_util.keystr(path)}")
+    assert_trees_allclose(p8, p1, rtol=2e-4, atol=2e-6, label=kind)
 
 
 def test_smoke_trains_every_type_and_evaluates(exp, tmp_path):

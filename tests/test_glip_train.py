@@ -6,7 +6,7 @@ import os
 
 import jax
 import numpy as np
-from helpers import one_train_step, smoke_config
+from helpers import assert_trees_allclose, one_train_step, smoke_config
 
 from ovd_jax.methods import glip as glip_method
 from ovd_jax.training import sharding as shd
@@ -72,9 +72,4 @@ def test_eight_devices_equal_one(tmp_path_factory):
     assert len(ts.device_batch(exp, batch, mesh8)["token_ids"].sharding.device_set) == 8
     assert float(m1["num_pos_per_image"]) > 0
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-6)
-    for path, a in jax.tree_util.tree_leaves_with_path(p8):
-        b = p1
-        for k in path:
-            b = b[k.key]
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6,
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_trees_allclose(p8, p1, rtol=2e-4, atol=2e-6)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import smoke_config
+from helpers import assert_trees_allclose, smoke_config
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ovd_jax.training import sharding as shd
@@ -86,12 +86,7 @@ def _compare(config, tmp_path):
         for axis, size in zip(("fsdp", "model"), mesh_shape[1:]):
             assert size == 1 or axis in used, (mesh_shape, axis)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=str(mesh_shape))
-        for path, a in jax.tree_util.tree_leaves_with_path(params):
-            b = ref
-            for k in path:
-                b = b[k.key]
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6,
-                                       err_msg=f"{mesh_shape} {jax.tree_util.keystr(path)}")
+        assert_trees_allclose(params, ref, rtol=1e-5, atol=2e-6, label=str(mesh_shape))
 
 
 def test_meshes_match_data_parallel_regionclip(tmp_path_factory):

@@ -2,7 +2,7 @@
 
 import jax
 import numpy as np
-from helpers import one_train_step, smoke_config
+from helpers import assert_trees_allclose, one_train_step, smoke_config
 
 from ovd_jax.training import sharding as shd
 from ovd_jax.training import train_step as ts
@@ -26,13 +26,4 @@ def test_eight_devices_equal_one(tmp_path_factory):
     assert len(ts.device_batch(exp, batch, mesh8)["image"].sharding.device_set) == 8
     assert len(jax.tree.leaves(state8.params)[0].sharding.device_set) == 8
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-6)
-    for path, a in jax.tree_util.tree_leaves_with_path(p8):
-        b = _get(p1, path)
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6,
-                                   err_msg=jax.tree_util.keystr(path))
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k.key]
-    return tree
+    assert_trees_allclose(p8, p1, rtol=2e-4, atol=2e-6)
