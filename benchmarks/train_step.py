@@ -8,8 +8,10 @@ Cases (each skipped with a note when its dependency is missing):
            sampling, RoIAlign, res5 + attention pool, losses) at 800x1333 through
            `ovd_jax.training.train_step`, the code path train.py runs.
   glipt    The GLIP-T train step (`configs/glip.py`), the same way.
-  pipeline The grain training pipeline's images/s on the smoke synthetic set with 0, 1 and 2
-           reader threads (this repository's loader reads with threads, not worker processes).
+  pipeline The grain training pipeline's images/s on synthetic PNGs (`--pipeline_size` px,
+           decoded, flipped, resized, normalised, box targets) with 0, 1 and 2 grain worker
+           processes (`config.data.num_workers`; 0 = reader threads of the training process
+           only), each with 1 and 2 reader threads.
 
     python benchmarks/train_step.py                       # GPU: every case at full size
     python benchmarks/train_step.py --tiny                # seconds-long CPU smoke of the script
@@ -151,8 +153,12 @@ def detector_step(config_name: str, arg: str, batch: int, tiny: bool):
     return run
 
 
-def pipeline_rates(threads: int, batches: int, repeats: int) -> list[float]:
-    """Images/s of the smoke synthetic detection pipeline read with `threads` threads."""
+def pipeline_rates(workers: int, threads: int, batches: int, repeats: int,
+                   size: int) -> list[float]:
+    """Images/s of the synthetic detection pipeline (PNG decode, flip, resize onto a `size`
+    canvas, normalise, box targets; 64 images of `size` x `size` px) read by `workers` grain
+    worker processes (0: the calling process) with `threads` reader threads each; worker
+    start-up (the first batch) is not timed."""
     import tempfile
 
     from configs import demo
@@ -160,20 +166,24 @@ def pipeline_rates(threads: int, batches: int, repeats: int) -> list[float]:
     from ovd_jax.training.experiment import build_experiment
 
     config = demo.get_config("smoke")
-    config.data.root = os.path.join(tempfile.gettempdir(), "ovd_bench_syn")
+    config.data.root = os.path.join(tempfile.gettempdir(), f"ovd_bench_syn{size}")
+    config.data.synthetic_image_size = config.data.image_size = size
+    config.data.synthetic_num_train = 64
     exp = build_experiment(config)
     rates = []
     for _ in range(repeats):
         loader = make_detection_loader(
             exp.train_data.records, batch_size=8, image_size=config.data.image_size,
             max_boxes=config.data.max_boxes, cat_id_to_index=exp.train_data.cat_id_to_index,
-            train=True, seed=0, num_threads=threads)
+            train=True, seed=0, num_threads=threads, num_workers=workers)
         it = iter(loader)
         next(it)
         t0 = time.perf_counter()
         for _ in range(batches):
             next(it)
         rates.append(8 * batches / (time.perf_counter() - t0))
+        if hasattr(it, "close"):  # stops the worker processes
+            it.close()
     return rates
 
 
@@ -186,6 +196,8 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--peak_tflops", type=float, default=None)
+    ap.add_argument("--pipeline_size", type=int, default=512,
+                    help="pipeline case: synthetic image and canvas side in px (default 512)")
     ap.add_argument("--tiny", action="store_true",
                     help="tiny shapes and smoke configs: checks the script runs (CPU, seconds)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
@@ -231,9 +243,13 @@ def main(argv=None) -> str:
             except Exception as e:  # noqa: BLE001
                 rows.append(f"| {name} | skipped: {type(e).__name__}: {str(e)[:80]} | |")
     if "pipeline" in cases:
-        for threads in (0, 1, 2):
-            row(f"grain pipeline, {threads} reader threads",
-                pipeline_rates(threads, 2 if args.tiny else 20, args.repeats))
+        px = 64 if args.tiny else args.pipeline_size
+        for workers in (0, 1, 2):
+            for threads in (1, 2):
+                row(f"grain pipeline {px} px, {workers} worker "
+                    f"processes x {threads} reader threads",
+                    pipeline_rates(workers, threads, 2 if args.tiny else 20, args.repeats,
+                                   px))
     table = "\n".join([
         f"Device: {device}; {_bench.machine(load)}", "", f"`{_bench.command_line()}`", "",
         "| case | images/s median (range) | MFU |", "|---|---|---|", *rows])

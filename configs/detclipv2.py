@@ -113,6 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = detclipv2_model("swin_l" if "detclipv2_l" in variants else "swin_t")
     c.text = detclipv2_text()
     c.data = detclipv2_data()
+    c.data.image_transfer = "uint8"  # full-size: normalise on the device (4x less host->device)
     c.image_text = image_text_data()
     # AdamW lr 1e-4 (text encoder 1e-5), warmup 2,000, clipping 1.0.
     atss_blocks.pretraining_optimizer(c.optim, text_tower="text_encoder", weight_decay=0.05)

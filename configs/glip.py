@@ -110,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = glip_model()
     c.text = glip_text()
     c.data = glip_data()
+    c.data.image_transfer = "uint8"  # full-size: normalise on the device (4x less host->device)
     # AdamW lr 1e-4, LANG_LR 1e-5, warmup 2,000, clipping 1.0.
     atss_blocks.pretraining_optimizer(c.optim, text_tower="language_backbone", weight_decay=1e-4)
     c.train.batch_size = 64

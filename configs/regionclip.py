@@ -49,6 +49,15 @@ def regionclip_model(vision: str = "RN50", text: str = "RN50") -> ml_collections
     m.vision_overrides = ml_collections.ConfigDict()  # e.g. width, layers, output_dim
     m.text_overrides = ml_collections.ConfigDict()
     m.remat = False
+    # Throughput switches (the defaults compute exactly what the plain model does):
+    # remat_policy: "none" | "full" | "dots" | "dots_no_batch" | "nothing_saveable"
+    #   (ovd_jax.models.remat; remat=True is "full");
+    # attention_impl: "auto" (cuDNN fused attention on NVIDIA GPUs with bf16/fp16 compute, else
+    #   XLA) | "xla" | "cudnn";
+    # scan_layers: scan the CLIP text transformer / BERT layers (stacked layer parameters).
+    m.remat_policy = "none"
+    m.attention_impl = "auto"
+    m.scan_layers = False
     # detectron2 FREEZE_AT (0 none, 1 stem, 2 stem + res2) and FrozenBN (batch-norm affine
     # parameters frozen, as in every detectron2 ResNet); both off for towers trained from scratch.
     m.freeze_at = 0
@@ -126,6 +135,7 @@ def coco_data() -> ml_collections.ConfigDict:
     d.synthetic_num_train = 600
     d.synthetic_num_val = 150
     d.synthetic_image_size = 128
+    common.input_throughput(d)
     # A missing / unreadable image: "error" stops with its name; "skip" drops it from training
     # (an evaluation batch pads its slot), logs each file once and counts them.
     d.on_bad_image = "error"
@@ -178,6 +188,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.drop_non_base_annotations = True
     d.image_size = CANVAS
     d.min_size, d.max_size, d.train_min_sizes = TEST_MIN_SIZE, MAX_SIZE, TRAIN_MIN_SIZES
+    d.image_transfer = "uint8"  # full-size: normalise on the device (4x less host->device)
 
     # detectron2 SGD + WarmupMultiStepLR (no gradient clipping); AdamW: optim.name=adamw.
     o = c.optim

@@ -18,13 +18,11 @@ teacher that also trains a proposal network).
 
 from __future__ import annotations
 
-import threading
-
 import jax
 
 from ovd_jax.data import captions as captions_lib
 from ovd_jax.data import synthetic
-from ovd_jax.data.pipeline import make_caption_loader
+from ovd_jax.data.pipeline import WorkerLock, loader_options, make_caption_loader
 
 SOURCES = ("synthetic", "coco_captions", "tfds")
 
@@ -76,7 +74,7 @@ def caption_loader(config, tokenizer, records, *, batch_size: int, num_epochs=No
     """Shuffled training batches of image + `caption_tokens` [B, context_length] int32 (one
     random caption per visit); `batch_size` is the global batch, each process reads its share."""
     per_process = int(batch_size) // jax.process_count()
-    lock = threading.Lock()  # grain reads with threads; one tokenizer call at a time
+    lock = WorkerLock()  # grain reads with threads; one tokenizer call at a time
 
     def tokenize(text: str) -> dict:
         with lock:
@@ -88,6 +86,7 @@ def caption_loader(config, tokenizer, records, *, batch_size: int, num_epochs=No
         train=True, seed=config.seed, hflip=bool(config.image_text.hflip),
         num_epochs=num_epochs, shard_index=jax.process_index(),
         shard_count=jax.process_count(), on_bad_image=config.data.get("on_bad_image", "error"),
+        **loader_options(config.data),
     )
 
 

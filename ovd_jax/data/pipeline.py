@@ -3,7 +3,9 @@
 Batch keys (B = batch_size, S = image_size, M = max_boxes):
 
     image     float32 [B,S,S,3]  long side resized to S (or shortest-edge resize with min_size /
-                                 max_size), padded bottom/right, CLIP-normalised
+                                 max_size), padded bottom/right, CLIP-normalised; with
+                                 image_transfer="uint8": uint8, not normalised, zero padding
+                                 (`device_image.normalize_images` normalises it on the device)
     boxes     float32 [B,M,4]    x1,y1,x2,y2 in input pixels (= original px * scale, after flip)
     labels    int32   [B,M]      contiguous class index (cat_id_to_index), -1 for padding
     box_mask  bool    [B,M]      True for real boxes (crowd regions are never targets)
@@ -21,12 +23,15 @@ pretraining (RegionCLIP / DetCLIPv2).
 Determinism: the order and the flips depend only on (seed, position in the global stream), so
 the same seed gives the same batches whatever the number of processes (each reads its block of
 every global batch), and the iterator's `get_state()`/`set_state()` resume exactly.
+`num_workers` > 0 decodes and augments in grain worker processes (`ovd_jax.data.workers`) and
+yields the same batches as `num_workers=0`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -38,6 +43,7 @@ from ovd_jax.data.transforms import (
     SKIPPED_IMAGES,
     BadImageError,
     check_bad_image_policy,
+    check_image_transfer,
     detection_example,
     image_example,
     padding_example,
@@ -45,6 +51,38 @@ from ovd_jax.data.transforms import (
 
 if TYPE_CHECKING:
     import grain
+
+
+class WorkerLock:
+    """A `threading.Lock` (context manager) that pickles, as a fresh unlocked lock: per-example
+    hooks that guard a tokenizer with one can then run in grain worker processes."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self._lock = threading.Lock()
+
+
+def loader_options(data_config) -> dict:
+    """`image_transfer` and `num_workers` loader kwargs from a config's `data` block
+    (`config.data.image_transfer`, `config.data.num_workers`; defaults "float32" and 0)."""
+    workers = data_config.get("num_workers", 0)
+    if int(workers) != workers or workers < 0:
+        raise ValueError(f"config.data.num_workers={workers!r} must be an int >= 0 (0: read in "
+                         "threads of the training process; N: N grain worker processes).")
+    return {"image_transfer": check_image_transfer(data_config.get("image_transfer", "float32")),
+            "num_workers": int(workers)}
 
 
 def _check_args(who, records, shard_index, shard_count, **sizes):
@@ -128,8 +166,9 @@ def _skippable(make_example, record, on_bad_image, *args, **kw):
 
 
 def _make_loader(records, *, make, pad, batch_size, train, seed, num_epochs, shard_index,
-                 shard_count, drop_remainder, num_threads, prefetch_buffer_size):
-    """Shared pipeline: `make(record, rng or None) -> example`, `pad() -> padding example`."""
+                 shard_count, drop_remainder, num_threads, prefetch_buffer_size, num_workers=0):
+    """Shared pipeline: `make(record, rng or None) -> example`, `pad() -> padding example`;
+    `num_workers` > 0 runs it in that many grain worker processes (same batches)."""
     import grain  # imported here: it takes seconds, and readers/generator do not need it
 
     if not isinstance(records, Sequence):
@@ -166,6 +205,11 @@ def _make_loader(records, *, make, pad, batch_size, train, seed, num_epochs, sha
         num_threads=num_threads,
         prefetch_buffer_size=prefetch_buffer_size or 2 * batch_size,
     )
+    if num_workers:
+        from ovd_jax.data.workers import prefetch_in_workers  # noqa: PLC0415 (imports grain)
+
+        return prefetch_in_workers(ds, read, batch_size=batch_size,
+                                   drop_remainder=drop_remainder, num_workers=num_workers)
     return ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
 
 
@@ -212,6 +256,8 @@ def make_detection_loader(
     min_size: int | Sequence[int] | None = None,
     max_size: int | None = None,
     on_bad_image: str = "error",
+    image_transfer: str = "float32",
+    num_workers: int = 0,
 ) -> grain.IterDataset:
     """Builds the detection input pipeline (iterate it; the iterator has get_state/set_state).
 
@@ -240,6 +286,11 @@ def make_detection_loader(
       on_bad_image: "error" stops at a missing, corrupt or wrongly sized image file with its
         name; "skip" leaves it out (training) or pads it (evaluation: counted as an image with
         no detections), logs each file once and counts it in `transforms.SKIPPED_IMAGES`.
+      image_transfer: "float32" (normalised on the host) or "uint8" (resized pixels, zero
+        padding, normalised on the device by `device_image.normalize_images`).
+      num_workers: 0 reads in `num_threads` threads of this process; N > 0 in N grain worker
+        processes (each with `num_threads` threads), giving the same batches. Everything the
+        pipeline holds (records, `extra`) must then pickle.
     """
     if extra is not None and not train:
         raise ValueError("make_detection_loader: extra= is for training pipelines only.")
@@ -254,13 +305,14 @@ def make_detection_loader(
         _detection, hflip=hflip, extra=extra, image_size=image_size, max_boxes=max_boxes,
         cat_id_to_index=cat_id_to_index, mean=mean, std=std, truncate=truncate,
         min_size=min_size, max_size=max_size, on_bad_image=check_bad_image_policy(on_bad_image),
+        image_transfer=check_image_transfer(image_transfer),
     )
-    pad = functools.partial(padding_example, image_size, max_boxes)
+    pad = functools.partial(padding_example, image_size, max_boxes, image_transfer)
     return _make_loader(
         records, make=make, pad=pad, batch_size=batch_size, train=train, seed=seed,
         num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
         drop_remainder=drop_remainder, num_threads=num_threads,
-        prefetch_buffer_size=prefetch_buffer_size,
+        prefetch_buffer_size=prefetch_buffer_size, num_workers=num_workers,
     )
 
 
@@ -289,8 +341,8 @@ def _caption(record, rng, *, tokenize, hflip, on_bad_image="error", **kw):
     return None if made is None else _merge_text(made[0], tokenize(text))
 
 
-def _caption_pad(*, tokenize, image_size):
-    pad = padding_example(image_size, 1)
+def _caption_pad(*, tokenize, image_size, image_transfer="float32"):
+    pad = padding_example(image_size, 1, image_transfer)
     example = {k: pad[k] for k in _IMAGE_KEYS}
     text = {k: np.zeros_like(np.asarray(v)) for k, v in tokenize("").items()}
     return _merge_text(example, text)
@@ -323,6 +375,8 @@ def make_caption_loader(
     num_threads: int = 4,
     prefetch_buffer_size: int | None = None,
     on_bad_image: str = "error",
+    image_transfer: str = "float32",
+    num_workers: int = 0,
 ) -> grain.IterDataset:
     """Image-caption batches: the image keys of `make_detection_loader` plus `tokenize`'s output.
 
@@ -332,18 +386,20 @@ def make_caption_loader(
         to the text tower's length). Eval padding entries get zeros of the same shapes.
       hflip: off by default, since flipping breaks captions that say "left"/"right".
       Other arguments as in `make_detection_loader` (train: one random caption per visit;
-      eval: the first caption of every image, exactly once, padded last batch; on_bad_image
-      as there).
+      eval: the first caption of every image, exactly once, padded last batch; on_bad_image,
+      image_transfer and num_workers as there).
     """
     _check_args("make_caption_loader", records, shard_index, shard_count,
                 batch_size=batch_size, image_size=image_size)
     make = functools.partial(_caption, tokenize=tokenize, hflip=hflip, image_size=image_size,
                              mean=mean, std=std,
-                             on_bad_image=check_bad_image_policy(on_bad_image))
-    pad = functools.partial(_caption_pad, tokenize=tokenize, image_size=image_size)
+                             on_bad_image=check_bad_image_policy(on_bad_image),
+                             image_transfer=check_image_transfer(image_transfer))
+    pad = functools.partial(_caption_pad, tokenize=tokenize, image_size=image_size,
+                            image_transfer=image_transfer)
     return _make_loader(
         records, make=make, pad=pad, batch_size=batch_size, train=train, seed=seed,
         num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
         drop_remainder=drop_remainder, num_threads=num_threads,
-        prefetch_buffer_size=prefetch_buffer_size,
+        prefetch_buffer_size=prefetch_buffer_size, num_workers=num_workers,
     )

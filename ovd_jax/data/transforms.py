@@ -10,7 +10,9 @@ Two resize rules, both ending on a static S x S canvas (padding bottom/right):
 All functions are pure numpy/PIL and deterministic given their arguments (randomness, e.g. the
 flip decision, is decided by the caller). Conventions:
 
-* images are HWC; uint8 until normalisation, float32 after;
+* images are HWC; uint8 until normalisation, float32 after (with `image_transfer="uint8"` the
+  example keeps the resized uint8 pixels, zero-padded, and the normalisation runs on the
+  accelerator: `ovd_jax.data.device_image`);
 * boxes are x1, y1, x2, y2 in pixels of the image they accompany;
 * `scale` maps original pixels to input pixels: input = original * scale (same for x and y; the
   resized size is rounded to whole pixels, so the image may differ from W*scale by < 0.5 px);
@@ -34,6 +36,9 @@ CLIP_STD = tuple(v * 255.0 for v in (0.26862954, 0.26130258, 0.27577711))
 log = logging.getLogger(__name__)
 
 BAD_IMAGE_POLICIES = ("error", "skip")
+# How an example carries its image: normalised float32 (host-side normalisation), or the
+# resized uint8 pixels (a quarter of the bytes per host->device copy; normalised on device).
+IMAGE_TRANSFERS = ("float32", "uint8")
 
 
 class BadImageError(ValueError):
@@ -73,6 +78,14 @@ def check_bad_image_policy(policy: str) -> str:
         raise ValueError(f"config.data.on_bad_image={policy!r}; use 'error' (stop at the first "
                          "bad image file) or 'skip' (log it once, count it and go on).")
     return policy
+
+
+def check_image_transfer(value: str) -> str:
+    if value not in IMAGE_TRANSFERS:
+        raise ValueError(f"config.data.image_transfer={value!r}; use 'float32' (images "
+                         "normalised on the host) or 'uint8' (resized uint8 pixels sent to the "
+                         "device and normalised there).")
+    return value
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -186,6 +199,16 @@ def normalize_and_pad(image: np.ndarray, size: int, mean, std) -> np.ndarray:
     return out
 
 
+def pad_uint8(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [h,w,3] zero-padded bottom/right to uint8 [size, size, 3] (no normalisation)."""
+    h, w = image.shape[:2]
+    if h > size or w > size:
+        raise ValueError(f"image of size {h}x{w} does not fit the {size}x{size} input.")
+    out = np.zeros((size, size, 3), np.uint8)
+    out[:h, :w] = image
+    return out
+
+
 def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mirrors uint8 [H,W,3] and its xyxy boxes [n,4] (pixel extents: x -> W - x)."""
     width = image.shape[1]
@@ -246,6 +269,7 @@ def image_example(
     boxes: np.ndarray | None = None,
     min_size: int | None = None,
     max_size: int | None = None,
+    image_transfer: str = "float32",
 ) -> tuple[dict, np.ndarray | None]:
     """Decodes, optionally flips, resizes and normalises one record's image.
 
@@ -253,6 +277,8 @@ def image_example(
     size must equal the record's height/width, since annotations are in those pixels.
     Resize: long side = `image_size`, or with `min_size` and `max_size` the shortest-edge rule;
     either way the result is padded to the `image_size` square canvas.
+    `image_transfer`: "float32" normalises here ((x - mean) / std, float32); "uint8" keeps the
+    resized pixels as uint8 (zero padding) for `device_image.normalize_images` on the device.
 
     Returns (example dict with image/image_id/scale/image_hw/orig_hw/flipped/valid, `boxes`
     [n,4] original px -> flipped and scaled input px, or None when no boxes are given).
@@ -283,7 +309,8 @@ def image_example(
     else:
         image, scale = resize_longest_side(image, image_size)
     example = {
-        "image": normalize_and_pad(image, image_size, mean, std),
+        "image": (pad_uint8(image, image_size) if image_transfer == "uint8"
+                  else normalize_and_pad(image, image_size, mean, std)),
         "image_id": np.int32(record["image_id"]),
         "scale": np.float32(scale),
         "image_hw": np.asarray(image.shape[:2], np.int32),
@@ -306,12 +333,13 @@ def detection_example(
     truncate: bool = False,
     min_size: int | None = None,
     max_size: int | None = None,
+    image_transfer: str = "float32",
 ) -> dict:
     """One record -> one fixed-shape example (see `ovd_jax.data.pipeline` for the keys)."""
     boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
     example, boxes = image_example(
         record, image_size=image_size, flip=flip, mean=mean, std=std, boxes=boxes,
-        min_size=min_size, max_size=max_size,
+        min_size=min_size, max_size=max_size, image_transfer=image_transfer,
     )
     out_boxes, labels, mask = pad_targets(
         boxes, record["category_ids"], record["iscrowd"], cat_id_to_index, max_boxes,
@@ -321,10 +349,11 @@ def detection_example(
     return example
 
 
-def padding_example(image_size: int, max_boxes: int) -> dict:
-    """A placeholder example for filling the last eval batch: image_id -1, valid False."""
+def padding_example(image_size: int, max_boxes: int, image_transfer: str = "float32") -> dict:
+    """A placeholder example for filling the last eval batch: image_id -1, valid False (its
+    image is zeros of the `image_transfer` dtype)."""
     return {
-        "image": np.zeros((image_size, image_size, 3), np.float32),
+        "image": np.zeros((image_size, image_size, 3), np.dtype(image_transfer)),
         "boxes": np.zeros((max_boxes, 4), np.float32),
         "labels": np.full((max_boxes,), -1, np.int32),
         "box_mask": np.zeros((max_boxes,), bool),

@@ -22,7 +22,6 @@ Shapes: N images, S side, A anchors, K concepts per image, L tokens, G boxes, D 
 from __future__ import annotations
 
 import math
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +31,16 @@ from ovd_jax.data import captions as captions_lib
 from ovd_jax.data import image_text as image_text_data
 from ovd_jax.data import unified
 from ovd_jax.data.grounding import aligned_tokens_positive
-from ovd_jax.data.pipeline import make_caption_loader, make_detection_loader, resize_options
+from ovd_jax.data.pipeline import (
+    WorkerLock,
+    loader_options,
+    make_caption_loader,
+    make_detection_loader,
+    resize_options,
+)
 from ovd_jax.losses import detclipv2 as losses
 from ovd_jax.methods import glip as glip_method
-from ovd_jax.methods.base import compute_dtype
+from ovd_jax.methods.base import compute_dtype, tower_options
 from ovd_jax.models import bert as bert_lib
 from ovd_jax.models.detclipv2 import ATSSConceptHead, DetCLIPv2Detector
 from ovd_jax.models.fpn import FPN
@@ -71,7 +76,9 @@ def build_model(config, *, text_vocab_size: int, eot_token_id: int | None) -> De
         backbone=glip_method._backbone(m, dtype),
         fpn=FPN(out_channels=m.channels, num_inputs=n_in, num_extra_levels=len(m.strides) - n_in,
                 p6_from="p5", dtype=dtype),
-        text_encoder=bert_lib.BertEncoder(bert_cfg, remat=m.remat, dtype=dtype),
+        text_encoder=bert_lib.BertEncoder(
+            bert_cfg, remat=m.remat, **tower_options(m, "remat_policy", "scan_layers"),
+            dtype=dtype),
         head=ATSSConceptHead(channels=m.channels, embed_dim=bert_cfg.hidden_size,
                              num_levels=len(m.strides), num_convs=m.num_convs,
                              gn_groups=m.gn_groups, deform_cls=m.deform_cls, dtype=dtype),
@@ -150,7 +157,7 @@ def _box_extra(exp, kind: str, negative_pool: list[str]):
     d = exp.config.data
     k, num_neg = int(d.max_concepts), int(d.num_negatives)
     class_texts = _class_texts(exp) if kind == "detection" else None
-    tokenizer, lock = exp.tokenizer, threading.Lock()  # HF tokenizers: one call at a time
+    tokenizer, lock = exp.tokenizer, WorkerLock()  # HF tokenizers: one call at a time
 
     def extra(example, record, rng):
         if kind == "detection":
@@ -181,7 +188,7 @@ def _box_loader(exp, kind, records, cat_map, negative_pool, num_epochs):
         hflip=config.data.hflip, num_epochs=num_epochs, shard_index=jax.process_index(),
         shard_count=jax.process_count(), extra=_box_extra(exp, kind, negative_pool),
         on_bad_image=config.data.get("on_bad_image", "error"),
-        **resize_options(config.data, train=True),
+        **resize_options(config.data, train=True), **loader_options(config.data),
     )
 
 
@@ -191,7 +198,7 @@ def _image_text_loader(exp, num_epochs):
     records = image_text_data.image_text_records(config)
     parser = captions_lib.load_parser(it.concept_parser)
     k = int(it.concepts_per_caption)
-    tokenizer, lock = exp.tokenizer, threading.Lock()
+    tokenizer, lock = exp.tokenizer, WorkerLock()
 
     def tokenize(caption: str) -> dict:
         texts = unified.image_text_concepts(caption, max_concepts=k, parser=parser,
@@ -204,6 +211,7 @@ def _image_text_loader(exp, num_epochs):
         image_size=int(it.image_size), tokenize=tokenize, train=True, seed=config.seed,
         hflip=bool(it.hflip), num_epochs=num_epochs, shard_index=jax.process_index(),
         shard_count=jax.process_count(), on_bad_image=config.data.get("on_bad_image", "error"),
+        **loader_options(config.data),
     )
 
 

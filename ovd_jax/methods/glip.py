@@ -23,7 +23,6 @@ import dataclasses
 import math
 import os
 import re
-import threading
 
 import flax.linen as nn
 import jax
@@ -32,8 +31,9 @@ import numpy as np
 
 from ovd_jax.data import grounding as grounding_data
 from ovd_jax.data import transforms
+from ovd_jax.data.pipeline import WorkerLock
 from ovd_jax.losses import glip as glip_losses
-from ovd_jax.methods.base import compute_dtype, detection_train_loader
+from ovd_jax.methods.base import compute_dtype, detection_train_loader, tower_options
 from ovd_jax.models import bert as bert_lib
 from ovd_jax.models import clip_resnet, swin
 from ovd_jax.models.dyhead import DyConv
@@ -70,6 +70,7 @@ def _backbone(m, dtype):
         if m.backbone == "swin_t":
             base["stochastic_depth_prob"] = 0.2
         return swin.swin(m.backbone, **{**base, **kw})
+    kw = {**tower_options(m, "remat_policy", "attention_impl"), **kw}
     return clip_resnet.clip_resnet(m.backbone, dtype=dtype, remat=m.remat, **kw)
 
 
@@ -114,7 +115,9 @@ def build_model(config, *, text_vocab_size: int, eot_token_id: int | None) -> GL
     return GLIPDetector(
         backbone=_backbone(m, dtype),
         fpn=fpn,
-        language_backbone=bert_lib.BertEncoder(bert_cfg, remat=m.remat, **dt),
+        language_backbone=bert_lib.BertEncoder(
+            bert_cfg, remat=m.remat, **tower_options(m, "remat_policy", "scan_layers"),
+            **dt),
         fuse=fuse, lang_layers=lang, dyconv=dyconv,
         backbone_levels=tuple(m.backbone_levels), num_levels=len(m.strides),
         channels=int(m.channels), text_dim=bert_cfg.hidden_size,
@@ -246,7 +249,7 @@ def _prompt_extra(exp):
     tokenizer = exp.tokenizer
     num_neg = int(config.data.num_negatives)
     # HF fast tokenizers are not safe to call from several grain threads at once.
-    lock = threading.Lock()
+    lock = WorkerLock()  # pickles: the hook may run in grain worker processes
 
     def extra(example, record, rng):
         with lock:

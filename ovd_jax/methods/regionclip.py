@@ -18,7 +18,12 @@ from ovd_jax.data import lvis
 from ovd_jax.losses import common as loss_common
 from ovd_jax.losses import regionclip as rc_losses
 from ovd_jax.methods import regionclip_offline
-from ovd_jax.methods.base import DETECTION_KEYS, compute_dtype, detection_train_loader
+from ovd_jax.methods.base import (
+    DETECTION_KEYS,
+    compute_dtype,
+    detection_train_loader,
+    tower_options,
+)
 from ovd_jax.models.clip_resnet import clip_resnet
 from ovd_jax.models.clip_text import clip_text
 from ovd_jax.models.regionclip import RES4_STRIDE, RegionCLIPDetector
@@ -44,6 +49,7 @@ def vision_tower(config):
     """
     m = config.model
     kw = dict(m.vision_overrides.to_dict()) if m.vision_overrides else {}
+    kw = {**tower_options(m, "remat_policy", "attention_impl"), **kw}
     p = int(m.pooler_resolution)
     if p % 2:
         raise ValueError(f"config.model.pooler_resolution={p} must be even (res5 halves it).")
@@ -67,6 +73,8 @@ def build_model(config, *, text_vocab_size: int, eot_token_id: int | None) -> Re
     m = config.model
     dtype = compute_dtype(config)
     text_kw = dict(m.text_overrides.to_dict()) if m.text_overrides else {}
+    text_kw = {**tower_options(m, "remat_policy", "attention_impl", "scan_layers"),
+               **text_kw}
     text_kw.setdefault("vocab_size", text_vocab_size)
     text_kw.setdefault("context_length", config.text.context_length)
     text = clip_text(m.text, dtype=dtype, remat=m.remat, eot_token_id=eot_token_id, **text_kw)

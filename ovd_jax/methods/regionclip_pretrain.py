@@ -34,6 +34,7 @@ from ovd_jax.methods import regionclip
 from ovd_jax.models.layers import l2_normalize
 from ovd_jax.models.regionclip import RES4_STRIDE, RegionCLIPDetector
 from ovd_jax.models.rpn import select_proposals
+from ovd_jax.models.scan_layout import match_layer_layout
 from ovd_jax.ops import anchors as anchor_ops
 from ovd_jax.training.pretrained import load_pretrained
 
@@ -88,7 +89,9 @@ def teacher_constants(exp, variables) -> dict:
         raise ValueError("region-text pretraining needs a teacher: --config.model.teacher=<a "
                          "CLIP teacher workdir or a converted CLIP checkpoint>.")
     loaded = load_pretrained(config.model.teacher)
-    teacher = _subtrees(loaded.variables, ("vision", "text", "rpn_head"))
+    # A teacher saved with the other layer layout (config.model.scan_layers) is converted.
+    teacher = match_layer_layout(_subtrees(loaded.variables, ("vision", "text", "rpn_head")),
+                                 variables)
     # The student module's region path also runs its (unused here) box head: give it the
     # student's initial one so the teacher tree fits the module.
     teacher["params"]["box_head"] = jax.device_get(variables["params"]["box_head"])

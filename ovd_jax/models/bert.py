@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from ovd_jax.models.layers import dense, layer_norm
+from ovd_jax.models.remat import remat_module
 
 Dtype = Any
 
@@ -92,12 +93,14 @@ class BertLayer(nn.Module):
 
     Takes `hidden` [N, L, H] and `attention_mask` [N, L] (1/True = real token, 0 = padding; keys
     that are padding get no attention weight) and returns [N, L, H]. Rows of padding queries are
-    computed like any other row and are meaningless, as in HF.
+    computed like any other row and are meaningless, as in HF. With `carry_output` it returns the
+    pair (out, out), the (carry, per-layer output) form `nn.scan` wants.
     """
 
     config: BertConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    carry_output: bool = False
 
     @nn.compact
     def __call__(self, hidden, attention_mask, deterministic: bool = True):
@@ -129,7 +132,8 @@ class BertLayer(nn.Module):
         y = _ACTIVATIONS[cfg.hidden_act](y)
         y = dense(h, ("mlp", "embed"), name="output", **kw)(y)
         y = nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
-        return _constrain(layer_norm(name="output_norm", **ln_kw)(y + x))
+        out = _constrain(layer_norm(name="output_norm", **ln_kw)(y + x))
+        return (out, out) if self.carry_output else out
 
 
 class BertEncoder(nn.Module):
@@ -139,13 +143,19 @@ class BertEncoder(nn.Module):
     token_type_ids [N, L] or None (= zeros), deterministic)` returns
     `{"last_hidden_state": [N, L, H], "hidden_states": (num_hidden_layers + 1) × [N, L, H]}` where
     `hidden_states[0]` is the embedding output, as HF's `output_hidden_states=True`.
-    `remat=True` rematerialises each layer in the backward pass (activation memory ∝ 1 layer).
+    `remat=True` rematerialises each layer in the backward pass (activation memory ∝ 1 layer),
+    as `remat_policy="full"`; other policies are listed in `ovd_jax.models.remat`.
+    `scan_layers=True` runs the layers as one `nn.scan`ned module `layer` whose parameters carry
+    a leading layer axis (logical name "layers") instead of `layer_<i>`
+    (`ovd_jax.models.scan_layout` converts between the layouts).
     """
 
     config: BertConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_policy: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
@@ -185,7 +195,18 @@ class BertEncoder(nn.Module):
         x = _constrain(x)
 
         # static_argnums counts `self` as 0, so `deterministic` is argument 3.
-        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
+        layer_cls = remat_module(BertLayer, self.remat, self.remat_policy, static_argnums=(3,))
+        if self.scan_layers:
+            scanned = nn.scan(
+                layer_cls, variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            out, per_layer = scanned(cfg, self.dtype, self.param_dtype, carry_output=True,
+                                     name="layer")(x, attention_mask, deterministic)
+            hidden_states = (x, *(per_layer[i] for i in range(cfg.num_hidden_layers)))
+            return {"last_hidden_state": out, "hidden_states": hidden_states}
         hidden_states = [x]
         for i in range(cfg.num_hidden_layers):
             x = layer_cls(cfg, self.dtype, self.param_dtype, name=f"layer_{i}")(

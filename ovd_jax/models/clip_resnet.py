@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from ovd_jax.models.attention import MultiHeadAttention
 from ovd_jax.models.layers import Dtype, FrozenBatchNorm, conv
+from ovd_jax.models.remat import remat_module
 
 
 def avg_pool2(x, stride: int):
@@ -116,6 +117,7 @@ class AttentionPool2d(nn.Module):
     output_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -134,7 +136,7 @@ class AttentionPool2d(nn.Module):
         tokens = tokens + pos.astype(self.dtype)[None]
         out = MultiHeadAttention(
             num_heads=self.num_heads, out_features=self.output_dim, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="attn",
+            param_dtype=self.param_dtype, attention_impl=self.attention_impl, name="attn",
         )(tokens[:, :1], tokens)
         return out[:, 0]
 
@@ -149,7 +151,12 @@ class ModifiedResNet(nn.Module):
       input_resolution: the pretraining image size; sets the attention-pool position grid
         (input_resolution/32).
       width: stem width; stage i has width*2**i planes and width*2**i*4 output channels.
-      remat: rematerialise each bottleneck in the backward pass (saves activation memory).
+      remat: rematerialise each bottleneck in the backward pass (saves activation memory);
+        the same as remat_policy="full".
+      remat_policy: which values of each bottleneck the backward pass keeps
+        (`ovd_jax.models.remat`: "none", "full", "dots", ...).
+      attention_impl: the attention pool's core, "auto", "xla" or "cudnn"
+        (`ovd_jax.models.attention`).
 
     Methods (each usable as `model.apply(variables, x, method=...)`):
       `__call__(images[N,H,W,3]) -> [N, output_dim]` (CLIP encode_image, unnormalised)
@@ -167,6 +174,8 @@ class ModifiedResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_policy: str = "none"
+    attention_impl: str = "auto"
 
     def setup(self):
         if len(self.layers) != 4:
@@ -180,7 +189,7 @@ class ModifiedResNet(nn.Module):
         self.bn2 = FrozenBatchNorm(**kw)
         self.conv3 = conv(w, (3, 3), 1, padding=pad, use_bias=False, **kw)
         self.bn3 = FrozenBatchNorm(**kw)
-        block = nn.remat(Bottleneck) if self.remat else Bottleneck
+        block = remat_module(Bottleneck, self.remat, self.remat_policy)
         stages = []
         for i, n in enumerate(self.layers):
             stride = 1 if i == 0 else 2
@@ -189,7 +198,8 @@ class ModifiedResNet(nn.Module):
             )
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.attn_pool = AttentionPool2d(
-            self.input_resolution // 32, self.heads, self.output_dim, **kw
+            self.input_resolution // 32, self.heads, self.output_dim,
+            attention_impl=self.attention_impl, **kw
         )
 
     def stem(self, images):

@@ -24,6 +24,8 @@ class TextTransformer(nn.Module):
         at position 0.
       act: 'quick_gelu' (OpenAI) or 'gelu'.
       remat: rematerialise each block in the backward pass.
+      remat_policy, scan_layers, attention_impl: passed to the `Transformer` (remat policy name,
+        scanned layer stack, attention core); the defaults keep the per-layer reference path.
 
     `__call__(token_ids[N, L] int32) -> [N, output_dim]` (unnormalised), with L <= context_length.
     `encode_tokens(token_ids) -> [N, L, width]`: the final LayerNorm'd token states.
@@ -40,6 +42,9 @@ class TextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    attention_impl: str = "auto"
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -54,7 +59,9 @@ class TextTransformer(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(0.01), ("pos", "embed")),
             (self.context_length, self.width), self.param_dtype,
         )
-        self.transformer = Transformer(self.layers, self.heads, self.act, self.remat, **kw)
+        self.transformer = Transformer(
+            self.layers, self.heads, self.act, self.remat, remat_policy=self.remat_policy,
+            scan_layers=self.scan_layers, attention_impl=self.attention_impl, **kw)
         self.ln_final = layer_norm(**kw)
         self.text_projection = self.param(
             "text_projection",

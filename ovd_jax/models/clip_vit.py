@@ -25,6 +25,8 @@ class VisionTransformer(nn.Module):
       output_dim: projected embedding width.
       act: 'quick_gelu' (OpenAI) or 'gelu'.
       remat: rematerialise each transformer block in the backward pass.
+      remat_policy, scan_layers, attention_impl: passed to the `Transformer` (remat policy name,
+        scanned layer stack, attention core); the defaults keep the per-layer reference path.
 
     `__call__(images[N,H,W,3]) -> [N, output_dim]` (CLIP encode_image, unnormalised).
     `tokens(images, project=False) -> [N, H/p, W/p, width]` patch tokens after ln_post
@@ -41,6 +43,9 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    attention_impl: str = "auto"
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -57,7 +62,9 @@ class VisionTransformer(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(scale), ("pos", "embed")),
             (self.grid**2 + 1, w), self.param_dtype)
         self.ln_pre = layer_norm(**kw)
-        self.transformer = Transformer(self.layers, self.heads, self.act, self.remat, **kw)
+        self.transformer = Transformer(
+            self.layers, self.heads, self.act, self.remat, remat_policy=self.remat_policy,
+            scan_layers=self.scan_layers, attention_impl=self.attention_impl, **kw)
         self.ln_post = layer_norm(**kw)
         self.proj = self.param(
             "proj", nn.with_logical_partitioning(nn.initializers.normal(scale), ("embed", None)),

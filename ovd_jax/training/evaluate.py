@@ -15,13 +15,22 @@ from PIL import Image
 from tqdm import tqdm
 
 from ovd_jax import visualize
-from ovd_jax.data.pipeline import make_detection_loader, resize_options
+from ovd_jax.data import device_image
+from ovd_jax.data.pipeline import loader_options, make_detection_loader, resize_options
 from ovd_jax.data.transforms import decode_image
 from ovd_jax.evaluation import coco_eval, gt_boxes_protocol, ovd
 from ovd_jax.evaluation.metrics_only import write_json_atomic
+from ovd_jax.methods.base import compute_dtype
 from ovd_jax.training import sharding as shd
 
 HEADLINE = ("AP", "AP50", "base_AP50", "novel_AP50")
+
+
+def _model_images(images, image_hw, config):
+    """The model's input images inside jit: uint8 batches (`config.data.image_transfer=
+    "uint8"`) normalised on the device; float32 ones as they are."""
+    batch = {"image": images, "image_hw": image_hw}
+    return device_image.normalize_batch(batch, dtype=compute_dtype(config))["image"]
 
 
 def _eval_loader(exp, mesh):
@@ -38,7 +47,7 @@ def _eval_loader(exp, mesh):
         train=False, seed=config.seed, shard_index=jax.process_index(),
         shard_count=jax.process_count(), drop_remainder=False,
         on_bad_image=config.data.get("on_bad_image", "error"),
-        **resize_options(config.data, train=False),
+        **resize_options(config.data, train=False), **loader_options(config.data),
     )
     return loader, -(-len(exp.val_data.records) // eval_bs)
 
@@ -52,7 +61,8 @@ def predict_dataset(exp, variables, mesh, *, progress: bool = True) -> list[dict
     with mesh, nn.logical_axis_rules(rules):
         concepts = exp.method.eval_queries(exp, variables)
         # Inputs arrive already sharded (images over the batch axes), so jit follows them.
-        predict = jax.jit(lambda v, im, hw, c: method.predict(model, v, im, hw, c, config))
+        predict = jax.jit(lambda v, im, hw, c: method.predict(
+            model, v, _model_images(im, hw, config), hw, c, config))
         cat_ids = np.asarray(exp.eval_vocab.cat_ids)
         results = []
         for batch in tqdm(loader, total=total, desc="eval", disable=not progress, leave=False):
@@ -174,13 +184,15 @@ def evaluate_gt_boxes(exp, variables, mesh, out_dir: str, *, progress: bool = Tr
             raise ValueError(f"--protocol=gt_boxes needs region classification, which "
                              f"config.method={config.method!r} does not provide.")
         classify = jax.jit(
-            lambda v, im, b, c: exp.method.classify_boxes(exp.model, v, im, b, c, config)
+            lambda v, im, hw, b, c: exp.method.classify_boxes(
+                exp.model, v, _model_images(im, hw, config), b, c, config)
         )
         for batch in tqdm(loader, total=total, desc="gt boxes", disable=not progress,
                           leave=False):
-            sharded = shd.shard_batch({"image": batch["image"], "boxes": batch["boxes"]}, mesh)
-            probs = shd.to_local(classify(variables, sharded["image"], sharded["boxes"],
-                                          concepts), mesh)
+            sharded = shd.shard_batch({"image": batch["image"], "hw": batch["image_hw"],
+                                       "boxes": batch["boxes"]}, mesh)
+            probs = shd.to_local(classify(variables, sharded["image"], sharded["hw"],
+                                          sharded["boxes"], concepts), mesh)
             for i in range(len(batch["image_id"])):
                 if not batch["valid"][i]:
                     continue

@@ -23,7 +23,8 @@ from absl import logging
 RESUME_KEYS = ("model.", "text.", "data.image_size", "data.min_size", "data.max_size")
 # Keys under those prefixes that only matter when a run starts (the weights are restored anyway)
 # or that change memory use but not the computation.
-RESUME_IGNORED = ("model.init_checkpoint", "model.remat")
+RESUME_IGNORED = ("model.init_checkpoint", "model.remat", "model.remat_policy",
+                  "model.attention_impl")
 # Metrics of the step itself rather than of the loss; never named as the non-finite terms.
 _NOT_TERMS = ("nonfinite", "learning_rate")
 

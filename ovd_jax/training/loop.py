@@ -9,6 +9,9 @@ whose loss or gradients are not finite is never applied; the run stops naming it
 `config.train.skip_nonfinite` of them), and no checkpoint is written past a step it stopped at.
 Side files (config.json, train_losses.json, metrics.jsonl) survive a hard kill: JSON files are
 replaced atomically, metrics after the restored step are dropped on restart.
+A background thread places the next `config.data.device_prefetch` batches on the mesh while the
+step runs (`prefetch.DevicePrefetcher`); checkpoints store the data-iterator state of the last
+batch consumed, not of those read ahead.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ovd_jax.evaluation.metrics_only import write_json_atomic
 from ovd_jax.training import checkpoint as ckpt
 from ovd_jax.training import evaluate as evaluation
 from ovd_jax.training import faults
+from ovd_jax.training import prefetch as prefetch_lib
 from ovd_jax.training import sharding as shd
 from ovd_jax.training import train_step as ts
 from ovd_jax.training.experiment import build_experiment
@@ -194,17 +198,24 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
     # checkpoint is written. The image ids stay on the host for the report.
     pending = []
     log_every = int(config.train.log_every)
+
+    def put(batch):  # runs in the prefetch thread: host batch -> (data type, device arrays)
+        kind = batch.get(DATA_TYPE_KEY) if kinds != (None,) else None
+        if kind not in step_fns:
+            raise ValueError(f"the training loader gave a batch of data type {kind!r}; "
+                             f"config.method={config.method!r} trains {kinds}.")
+        return kind, ts.device_batch(exp, batch, mesh, kind)
+
     t0 = time.time()
-    with _StopFlag() as flag, tqdm(total=total, initial=start, desc="train", unit="step",
-                                   disable=not progress or jax.process_index() != 0) as bar:
+    with prefetch_lib.DevicePrefetcher(iterator, put, int(config.data.get("device_prefetch", 2))
+                                       ) as batches, \
+            _StopFlag() as flag, tqdm(total=total, initial=start, desc="train", unit="step",
+                                      disable=not progress or jax.process_index() != 0) as bar:
         for step in range(start, total):
-            batch = next(iterator)
-            kind = batch.get(DATA_TYPE_KEY) if kinds != (None,) else None
-            if kind not in step_fns:
-                raise ValueError(f"the training loader gave a batch of data type {kind!r}; "
-                                 f"config.method={config.method!r} trains {kinds}.")
-            state, metrics = step_fns[kind](state, ts.device_batch(exp, batch, mesh, kind),
-                                            step_key)
+            # data_state: the iterator's state right after this batch (not after the batches
+            # already read ahead), which is what a checkpoint after this step must store.
+            batch, (kind, device_arrays), data_state = next(batches)
+            state, metrics = step_fns[kind](state, device_arrays, step_key)
             done = step + 1
             pending.append((done, metrics, batch.get("image_id")))
             if jax.default_backend() == "cpu":
@@ -228,11 +239,13 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
                                prefix="perf")
             if save:
                 meta["nonfinite_skipped"] = guard.skipped
-                checkpointer.save(done, state, iterator.get_state(), meta, force=True)
+                checkpointer.save(done, state, data_state, meta, force=True)
                 newest = done
             if flag.stop:
                 stopped = True
                 break
+    if hasattr(iterator, "close"):  # grain worker processes (config.data.num_workers)
+        iterator.close()
     checkpointer.close()
     _write_json({"start_step": start, "losses": history},
                 os.path.join(workdir, "train_losses.json"))

@@ -25,6 +25,8 @@ import flax
 import jax
 import numpy as np
 
+from ovd_jax.models.scan_layout import match_layer_layout
+
 TOWERS = ("vision", "text")
 
 
@@ -134,7 +136,10 @@ def merge_pretrained_towers(variables: dict, checkpoint: str, names=None) -> dic
     problems, merged, copied, copied_params, kept, used = [], {}, 0, 0, set(), 0
     for collection, tree in variables.items():
         flat = flax.traverse_util.flatten_dict(tree)
-        src = flax.traverse_util.flatten_dict(loaded.get(collection, {}))
+        # A checkpoint's layer stacks are converted to the model's layout (per-layer modules vs
+        # scan_layers' stacked ones), so either loads into either.
+        src = flax.traverse_util.flatten_dict(
+            match_layer_layout(loaded.get(collection, {}), tree))
         used += sum(1 for key in src if key[0] in names)
         for key, value in flat.items():
             if key[0] not in names:

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ovd_jax.data import device_image
+from ovd_jax.methods.base import compute_dtype
 from ovd_jax.training import sharding as shd
 from ovd_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from ovd_jax.training.pretrained import merge_pretrained_towers
@@ -77,6 +79,14 @@ def _typed(data_type):
     return {} if data_type is None else {"data_type": data_type}
 
 
+def input_keys(exp, data_type=None) -> tuple[str, ...]:
+    """The batch keys a step (of `data_type`) takes from the host: the method's `device_keys`
+    plus, with `config.data.image_transfer="uint8"`, each image's `<key>_hw` for its on-device
+    normalisation."""
+    keys = exp.method.device_keys(exp.config, **_typed(data_type))
+    return device_image.transfer_keys(keys, exp.config.data.get("image_transfer", "float32"))
+
+
 def _keep_if(ok, new, old):
     """`new` where the scalar bool `ok`, else `old` (leafwise; dtypes of `old`)."""
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o).astype(o.dtype), new, old)
@@ -141,12 +151,15 @@ def make_train_step(exp, tx, mesh, state_shardings, constants, data_type=None):
     `device_keys` and `train_loss` receive it. `config.train.grad_accum_steps` = k > 1 averages
     the loss and gradients of k micro-batches of the batch (`accumulated_value_and_grad`): one
     update per step, 1/k of the activation memory. `step.jitted` is the underlying jitted
-    function.
+    function. With `config.data.image_transfer="uint8"` the batch's images arrive as uint8 and
+    are normalised inside the step (`device_image.normalize_batch`, in the compute dtype).
     """
     config = exp.config
     rules = shd.rules_tuple(config.sharding.rules)
     schedule = learning_rate_schedule(config)
     keys = tuple(exp.method.device_keys(config, **_typed(data_type)))
+    transferred = input_keys(exp, data_type)
+    dtype = compute_dtype(config)
     constants = jax.device_put(constants, shd.replicated(mesh))
 
     accum = int(config.train.get("grad_accum_steps", 1))
@@ -160,6 +173,8 @@ def make_train_step(exp, tx, mesh, state_shardings, constants, data_type=None):
 
     def step(state: TrainState, batch, consts, key):
         rng = jax.random.fold_in(key, state.step)
+        # uint8 images -> normalised (a no-op for the float32 pipeline's images).
+        batch = device_image.normalize_batch(batch, keys=keys, dtype=dtype)
 
         def loss_fn(params, b, r):
             return exp.method.train_loss(
@@ -184,7 +199,7 @@ def make_train_step(exp, tx, mesh, state_shardings, constants, data_type=None):
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    batch_shardings = {k: shd.batch_sharding(mesh) for k in keys}
+    batch_shardings = {k: shd.batch_sharding(mesh) for k in transferred}
     jitted = jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings, shd.replicated(mesh),
@@ -203,9 +218,9 @@ def make_train_step(exp, tx, mesh, state_shardings, constants, data_type=None):
 
 
 def device_batch(exp, batch: dict, mesh, data_type=None) -> dict:
-    """The keys the method's step (of `data_type`) reads, as global arrays sharded over the
-    batch axes."""
-    keys = exp.method.device_keys(exp.config, **_typed(data_type))
+    """The keys the method's step (of `data_type`) reads (`input_keys`), as global arrays
+    sharded over the batch axes."""
+    keys = input_keys(exp, data_type)
     missing = [k for k in keys if k not in batch]
     if missing:
         raise ValueError(f"the training batch lacks {missing} that config.method="
