@@ -1,13 +1,12 @@
 """What the benchmark scripts share: import bootstrap, repeat statistics, machine description.
 
-Importing this module makes `ovd_jax` importable when the repository is not installed (a fresh
-clone run as `python benchmarks/x.py` from any folder): the repository root goes on `sys.path`
-only if `ovd_jax` cannot be found otherwise, so an installed copy wins.
+Importing this module puts this checkout's root first on `sys.path`, so `python benchmarks/x.py`
+(from any folder, installed or not) measures the `ovd_jax` and `configs` next to the script,
+as `python train.py` does, and never another installed copy of the package.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import shlex
@@ -15,7 +14,7 @@ import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if importlib.util.find_spec("ovd_jax") is None:
+if ROOT not in sys.path[:1]:
     sys.path.insert(0, ROOT)
 
 

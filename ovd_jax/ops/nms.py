@@ -159,3 +159,61 @@ def topk_nms(
     cls = None if class_ids is None else class_ids[top]
     idx, keep_valid = _nms_impl(boxes[top], scores[top], cls, iou_threshold, max_output, valid[top])
     return jnp.where(keep_valid, top[idx], 0).astype(jnp.int32), keep_valid
+
+
+def shared_box_nms(boxes, scores, candidate, iou_threshold: float, max_output: int):
+    """Per-class NMS when every class scores the same boxes (class-agnostic box regression, as
+    RegionCLIP's and detectron2's C4 heads with CLS_AGNOSTIC_BBOX_REG): exactly
+    `batched_nms` on the P * K (box, class) candidates, without its P*K x P*K work.
+
+    boxes [P, 4] x1y1x2y2; scores [P, K]; candidate [P, K] bool (e.g. score above the test
+    threshold and a real box). The IoU of the P boxes is computed once ([P, P]); each class then
+    runs greedy NMS over its own ranking of the P boxes, all K classes in step: rank r of every
+    class is decided at step r, and the loop stops after the last rank that holds a candidate
+    of any class. Memory is O(P^2 + P K) instead of the O((P K)^2) of flattening (1,000
+    proposals x 1,203 LVIS classes: 1.2M candidates).
+
+    Returns (box_indices [max_output] int32, class_indices [max_output] int32, keep_valid
+    [max_output] bool): the kept pairs in descending score order, ties in the order of the
+    flattened index p * K + k (`batched_nms` on `scores.reshape(-1)` gives the same list),
+    padded with 0 / False.
+    """
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be [P, 4] (x1, y1, x2, y2); got {boxes.shape}.")
+    p = boxes.shape[0]
+    if scores.ndim != 2 or scores.shape[0] != p or candidate.shape != scores.shape:
+        raise ValueError(f"scores and candidate must be [P, K] with P = {p}; got "
+                         f"{scores.shape} and {candidate.shape}.")
+    if int(max_output) < 1:
+        raise ValueError(f"max_output must be >= 1; got {max_output}.")
+    k = scores.shape[1]
+    over = _suppresses(boxes, boxes, None, None, iou_threshold)  # [P, P]
+    key = jnp.where(candidate, scores, -jnp.inf).T  # [K, P]
+    # Each class's boxes by descending score, ties by lower box index (stable), which is the
+    # order the flattened candidates of that class have in `batched_nms`.
+    order = top_k(key, p)[1]  # [K, P]
+    ranked_candidate = jnp.take_along_axis(candidate.T, order, axis=1)  # [K, P]
+    last = jnp.max(jnp.where(ranked_candidate, jnp.arange(p)[None, :], -1))
+    classes = jnp.arange(k)
+
+    def step(state):
+        r, keep, suppressed = state
+        box = order[:, r]  # [K]: the class's r-th best box
+        kept = ranked_candidate[:, r] & ~suppressed[classes, box]
+        keep = keep.at[classes, box].set(kept)
+        suppressed = suppressed | (kept[:, None] & over[box])
+        return r + 1, keep, suppressed
+
+    init = (jnp.array(0, jnp.int32), jnp.zeros((k, p), bool), jnp.zeros((k, p), bool))
+    _, keep, _ = jax.lax.while_loop(lambda s: s[0] <= last, step, init)
+    flat = jnp.where(keep.T, scores, -jnp.inf).reshape(-1)  # p * K + k order
+    m = min(int(max_output), p * k)
+    _, top = top_k(flat, m)
+    keep_valid = keep.T.reshape(-1)[top]
+    box_idx = jnp.where(keep_valid, top // k, 0).astype(jnp.int32)
+    class_idx = jnp.where(keep_valid, top % k, 0).astype(jnp.int32)
+    if m < int(max_output):
+        pad = int(max_output) - m
+        box_idx, class_idx = jnp.pad(box_idx, (0, pad)), jnp.pad(class_idx, (0, pad))
+        keep_valid = jnp.pad(keep_valid, (0, pad))
+    return box_idx, class_idx, keep_valid
