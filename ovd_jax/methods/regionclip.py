@@ -404,8 +404,8 @@ def per_class_nms(boxes, probs, valid, e):
 
     boxes [P,4] (class-agnostic), probs [P,K], valid [P]. `e.pre_nms_topk` > 0 keeps only that
     many best candidates before NMS (a speed knob upstream does not have); 0 = all P * K
-    candidates, run per class on the shared boxes (`ops.nms.shared_box_nms`: O(P^2 + P K)
-    memory, so LVIS's 1,203 classes x 1,000 proposals fit).
+    candidates, run per class on the shared boxes (`ops.nms.shared_box_nms`, O(P^2 + P K)
+    memory).
     """
     p, k = probs.shape
     cut = int(e.pre_nms_topk)

@@ -164,14 +164,15 @@ def topk_nms(
 def shared_box_nms(boxes, scores, candidate, iou_threshold: float, max_output: int):
     """Per-class NMS when every class scores the same boxes (class-agnostic box regression, as
     RegionCLIP's and detectron2's C4 heads with CLS_AGNOSTIC_BBOX_REG): exactly
-    `batched_nms` on the P * K (box, class) candidates, without its P*K x P*K work.
+    `batched_nms` on the P * K flattened (box, class) candidates, without IoU blocks over all
+    P * K of them.
 
     boxes [P, 4] x1y1x2y2; scores [P, K]; candidate [P, K] bool (e.g. score above the test
     threshold and a real box). The IoU of the P boxes is computed once ([P, P]); each class then
     runs greedy NMS over its own ranking of the P boxes, all K classes in step: rank r of every
     class is decided at step r, and the loop stops after the last rank that holds a candidate
-    of any class. Memory is O(P^2 + P K) instead of the O((P K)^2) of flattening (1,000
-    proposals x 1,203 LVIS classes: 1.2M candidates).
+    of any class. Memory is O(P^2 + P K) (1,000 proposals x 1,203 LVIS classes: 0.02 GB of
+    temporaries against 0.36 GB flattened).
 
     Returns (box_indices [max_output] int32, class_indices [max_output] int32, keep_valid
     [max_output] bool): the kept pairs in descending score order, ties in the order of the
