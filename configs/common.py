@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.score_threshold = 0.001
     c.eval.nms_threshold = 0.5
     c.eval.pre_nms_topk = 1000
+    # RegionCLIP at inference: each image's proposals go through the RoI head (res5 + attention
+    # pool) this many at a time (N x rois_per_chunk RoIs per step); 0 = all at once. Bounds
+    # memory: the RN50 head keeps ~17 MB of temporaries per RoI on the CPU backend.
+    c.eval.rois_per_chunk = 0
     # "coco" or "lvis" (lvis uses 300 detections per image).
     c.eval.metric = "coco"
     c.eval.num_visualizations = 4

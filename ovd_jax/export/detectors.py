@@ -100,8 +100,8 @@ def _regionclip_forward(model, config, params, images, image_hw):
     offline = params.get("constants", {}).get("offline_rpn")
     proposals, prop_logits, valid, _, _ = regionclip_method._proposals(  # noqa: SLF001
         model, variables, res4, images, image_hw, offline, config, train=False)
-    emb, deltas = model.apply(variables, res4, proposals,
-                              method=RegionCLIPDetector.region_features)
+    emb, deltas = regionclip_method.region_features(model, variables, res4, proposals,
+                                                    regionclip_method.inference_rois_per_chunk(config))
     boxes = box_ops.BoxCoder(weights=tuple(config.model.box_reg_weights)).decode(deltas,
                                                                                  proposals)
     boxes = box_ops.clip_boxes(boxes, image_hw[:, None, 0], image_hw[:, None, 1])

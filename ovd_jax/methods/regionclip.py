@@ -369,6 +369,44 @@ def train_loss(model, params, model_state, batch, constants, rng, config):
     return loss, metrics
 
 
+def inference_rois_per_chunk(config) -> int:
+    """`config.eval.rois_per_chunk` (0 for a config written before the key existed)."""
+    return int(config.eval.get("rois_per_chunk", 0))
+
+
+def region_features(model, variables, res4, boxes, rois_per_chunk: int = 0):
+    """`RegionCLIPDetector.region_features` at inference, in chunks of proposals.
+
+    res4 [N, h, w, C4], boxes [N, R, 4] input pixels -> (embeddings [N, R, D] L2-normalised,
+    box deltas [N, R, 4]). `rois_per_chunk` > 0 (`config.eval.rois_per_chunk`) cuts each
+    image's R boxes into chunks of that many, run one after another by `lax.map` (each step
+    pools N x rois_per_chunk RoIs), so the head's temporaries scale with the chunk rather than
+    with N x R: the RN50 head at 14x14 keeps ~17 MB per RoI on the CPU backend, 136 GB for
+    8 images x 1,000 proposals at once. The chunk is per image so that it does not depend on
+    the batch size (symbolic in exported programs). The last chunk is padded with copies of
+    each image's first box, dropped afterwards. 0 runs every RoI at once. No op of the head
+    mixes RoIs, so chunking changes at most the summation order inside XLA's kernels.
+    """
+    n, r = boxes.shape[:2]
+    per_image = r if rois_per_chunk <= 0 else min(r, int(rois_per_chunk))
+    if per_image >= r:
+        return model.apply(variables, res4, boxes, method=RegionCLIPDetector.region_features)
+    chunks = -(-r // per_image)
+    pad = chunks * per_image - r
+    if pad:
+        boxes = jnp.concatenate([boxes, jnp.broadcast_to(boxes[:, :1], (n, pad, 4))], axis=1)
+    # [chunks, N, per_image, 4]: the batch axis stays where the mesh shards it inside the body.
+    chunked = jnp.swapaxes(boxes.reshape(n, chunks, per_image, 4), 0, 1)
+    emb, deltas = jax.lax.map(
+        lambda b: model.apply(variables, res4, b, method=RegionCLIPDetector.region_features),
+        chunked)
+
+    def unchunk(x):
+        return jnp.swapaxes(x, 0, 1).reshape(n, chunks * per_image, x.shape[-1])[:, :r]
+
+    return unchunk(emb), unchunk(deltas)
+
+
 def predict(model, variables, images, image_hw, queries, config):
     """Batched inference. images [N,S,S,3], image_hw [N,2], queries from `eval_queries`.
 
@@ -380,9 +418,8 @@ def predict(model, variables, images, image_hw, queries, config):
     proposals, prop_logits, prop_valid, _, _ = _proposals(
         model, variables, res4, images, image_hw, queries.get("offline_rpn"), config, train=False
     )
-    region_emb, box_deltas = model.apply(
-        variables, res4, proposals, method=RegionCLIPDetector.region_features
-    )
+    region_emb, box_deltas = region_features(model, variables, res4, proposals,
+                                             inference_rois_per_chunk(config))
     logits = rc_losses.region_logits(region_emb, queries["concepts"], m.temperature)
     probs = jax.nn.softmax(logits, -1)[..., 1:]
     if m.score == "sqrt_objectness":
@@ -443,6 +480,7 @@ def classify_boxes(model, variables, images, boxes, queries, config):
     (softmax over the concepts at the config temperature; no background).
     """
     res4 = model.apply(variables, images, method=RegionCLIPDetector.backbone)
-    region_emb, _ = model.apply(variables, res4, boxes, method=RegionCLIPDetector.region_features)
+    region_emb, _ = region_features(model, variables, res4, boxes,
+                                    inference_rois_per_chunk(config))
     logits = jnp.einsum("nmd,kd->nmk", region_emb, queries["concepts"]) / config.model.temperature
     return jax.nn.softmax(logits, axis=-1)

@@ -285,7 +285,8 @@ def zero_shot_detections(model, variables, images, image_hw, props, concepts, co
     m = config.model
     boxes, logits_rpn, valid = props
     res4 = model.apply(variables, images, method=RegionCLIPDetector.backbone)
-    emb, _ = model.apply(variables, res4, boxes, method=RegionCLIPDetector.region_features)
+    emb, _ = regionclip.region_features(model, variables, res4, boxes,
+                                        regionclip.inference_rois_per_chunk(config))
     probs = jax.nn.softmax(rc_losses.region_logits(emb, concepts, m.temperature), -1)[..., 1:]
     if m.score == "sqrt_objectness":
         probs = jnp.sqrt(probs * jax.nn.sigmoid(logits_rpn)[..., None])
