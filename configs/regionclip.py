@@ -213,7 +213,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.pre_nms_topk = 0  # no cut before the per-class NMS, as upstream
     # 8 images x 1,000 proposals through the RN50 RoI head at once would keep 136 GB of
     # temporaries on the CPU backend (~17 MB per RoI); 32 per image keep 4.3 GB at batch 8 and
-    # are faster than all at once on a CPU (docs/export.md).
+    # are faster than all at once on a CPU (docs/regionclip.md).
     c.eval.rois_per_chunk = 32
     if "lvis" in variants:
         d.kind = "lvis"
