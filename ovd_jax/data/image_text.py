@@ -119,6 +119,13 @@ class _ZipIterator:
     def get_state(self) -> dict:
         return {name: it.get_state() for name, it in self._its.items()}
 
+    def close(self) -> None:
+        """Closes every part that can be closed (grain worker processes)."""
+        for it in self._its.values():
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
     def set_state(self, state: dict) -> None:
         missing = set(self._its) - set(state)
         if missing:

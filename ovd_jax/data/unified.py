@@ -211,6 +211,13 @@ class _MixedIterator:
         return {"position": self._position,
                 "parts": {k: it.get_state() for k, it in self._its.items()}}
 
+    def close(self) -> None:
+        """Closes every part that can be closed (grain worker processes)."""
+        for it in self._its.values():
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
     def set_state(self, state: dict) -> None:
         parts = state.get("parts", {})
         missing = sorted(set(self._its) - set(parts))

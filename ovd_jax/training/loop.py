@@ -16,6 +16,7 @@ batch consumed, not of those read ahead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -99,6 +100,18 @@ def _restore(exp, checkpointer, state, state_shardings, meta):
     if jax.process_index() == 0:
         print(f"resumed from {checkpointer.step_dir(step)}")
     return state, data_state, saved, step
+
+
+@contextlib.contextmanager
+def _closing(iterator):
+    """Closes the data iterator (its grain worker processes with config.data.num_workers) when
+    training ends, also when it ends with an exception."""
+    try:
+        yield iterator
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
 
 
 def _write_json(obj, path: str) -> None:
@@ -207,8 +220,10 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
         return kind, ts.device_batch(exp, batch, mesh, kind)
 
     t0 = time.time()
-    with prefetch_lib.DevicePrefetcher(iterator, put, int(config.data.get("device_prefetch", 2))
-                                       ) as batches, \
+    # Exits in reverse order: the prefetch thread stops before the iterator's workers close.
+    with _closing(iterator), \
+            prefetch_lib.DevicePrefetcher(iterator, put, int(config.data.get("device_prefetch", 2))
+                                          ) as batches, \
             _StopFlag() as flag, tqdm(total=total, initial=start, desc="train", unit="step",
                                       disable=not progress or jax.process_index() != 0) as bar:
         for step in range(start, total):
@@ -244,8 +259,6 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
             if flag.stop:
                 stopped = True
                 break
-    if hasattr(iterator, "close"):  # grain worker processes (config.data.num_workers)
-        iterator.close()
     checkpointer.close()
     _write_json({"start_step": start, "losses": history},
                 os.path.join(workdir, "train_losses.json"))
