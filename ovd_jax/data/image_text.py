@@ -22,7 +22,12 @@ import jax
 
 from ovd_jax.data import captions as captions_lib
 from ovd_jax.data import synthetic
-from ovd_jax.data.pipeline import WorkerLock, loader_options, make_caption_loader
+from ovd_jax.data.pipeline import (
+    WorkerLock,
+    close_iterator,
+    loader_options,
+    make_caption_loader,
+)
 
 SOURCES = ("synthetic", "coco_captions", "tfds")
 
@@ -122,9 +127,7 @@ class _ZipIterator:
     def close(self) -> None:
         """Closes every part that can be closed (grain worker processes)."""
         for it in self._its.values():
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+            close_iterator(it)
 
     def set_state(self, state: dict) -> None:
         missing = set(self._its) - set(state)

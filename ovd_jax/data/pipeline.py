@@ -85,6 +85,14 @@ def loader_options(data_config) -> dict:
             "num_workers": int(workers)}
 
 
+
+def close_iterator(iterator) -> None:
+    """Calls `iterator.close()` where it has one: grain iterators with worker processes
+    (`config.data.num_workers`) and the multi-loader iterators built on them."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
 def _check_args(who, records, shard_index, shard_count, **sizes):
     if len(records) == 0:
         raise ValueError(f"{who} got no records; check the dataset paths (config.data) - the "

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ovd_jax.data import captions as captions_lib
+from ovd_jax.data.pipeline import close_iterator
 
 DATA_TYPE_KEY = "data_type"
 CONCEPT_KEYS = ("concept_ids", "concept_mask", "concept_valid")
@@ -214,9 +215,7 @@ class _MixedIterator:
     def close(self) -> None:
         """Closes every part that can be closed (grain worker processes)."""
         for it in self._its.values():
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+            close_iterator(it)
 
     def set_state(self, state: dict) -> None:
         parts = state.get("parts", {})

@@ -26,6 +26,7 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
+from ovd_jax.data.pipeline import close_iterator
 from ovd_jax.data.unified import DATA_TYPE_KEY
 from ovd_jax.evaluation.metrics_only import write_json_atomic
 from ovd_jax.training import checkpoint as ckpt
@@ -109,9 +110,7 @@ def _closing(iterator):
     try:
         yield iterator
     finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
+        close_iterator(iterator)
 
 
 def _write_json(obj, path: str) -> None:
